@@ -1,0 +1,70 @@
+//! Append on the GPU: one decode step's K/V rows into every segment of a Llama-3-8B layer
+//! (8 KV heads, head_dim 128, bf16), batch 1 to 64, with 32k-token segments. Prints the bytes
+//! each launch must move and, beside criterion's time, the AdaKV-style alternative's bytes (a
+//! full-cache copy per step) for scale. Without a GPU it says so and measures nothing.
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use half::bf16;
+use headwise::{GpuStore, LayerCache, LayoutBuilder, Store};
+use std::time::{Duration, Instant};
+
+const KV_HEADS: usize = 8;
+const HEAD_DIM: usize = 128;
+const CONTEXT: u32 = 32 * 1024;
+/// Appends between untimed resets of the segment lengths.
+const HEADROOM: u32 = 1024;
+
+fn bench(c: &mut Criterion) {
+    let store = match GpuStore::new(0) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("append bench: NOT RUN: {e}");
+            return;
+        }
+    };
+    let mut group = c.benchmark_group("append");
+    group.measurement_time(Duration::from_secs(3));
+    for batch in [1usize, 8, 64] {
+        let mut b = LayoutBuilder::new(batch, KV_HEADS).headroom(HEADROOM);
+        for s in 0..batch {
+            for h in 0..KV_HEADS {
+                b = b.full(s, h, CONTEXT);
+            }
+        }
+        let layout = b.build().unwrap();
+        let mut cache = Some(LayerCache::<_, bf16>::new(&store, layout.clone(), HEAD_DIM).unwrap());
+        let new = store.zeros::<bf16>(batch * KV_HEADS * HEAD_DIM).unwrap();
+        let moved = 2 * 2 * batch * KV_HEADS * HEAD_DIM * 2; // read + write of K and V rows
+        let adakv = 2 * 2 * batch * KV_HEADS * CONTEXT as usize * HEAD_DIM * 2; // copy whole cache
+        eprintln!(
+            "append batch {batch}: {moved} B per launch (floor); AdaKV's per-step copy moves {:.1} MB",
+            adakv as f64 / 1e6
+        );
+        group.bench_function(format!("batch{batch}_ctx32k"), |bch| {
+            bch.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                let mut left = iters;
+                while left > 0 {
+                    let chunk = left.min(u64::from(HEADROOM));
+                    // Untimed: put every segment back at CONTEXT tokens.
+                    let (_, k, v) = cache.take().unwrap().into_parts();
+                    let mut c = LayerCache::from_parts(&store, layout.clone(), HEAD_DIM, k, v).unwrap();
+                    store.synchronize().unwrap();
+                    let t = Instant::now();
+                    for _ in 0..chunk {
+                        c.append(&new, &new).unwrap();
+                    }
+                    store.synchronize().unwrap();
+                    total += t.elapsed();
+                    cache = Some(c);
+                    left -= chunk;
+                }
+                total
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,86 @@
+// Append one decoded token to every segment of a layer, and regrow (relayout) a layer.
+//
+// Append is O(1) per segment: one K row and one V row are written where the segment's mode says
+// (Full: row len; Streaming: sinks, then the ring), and len/ring_head advance on the device so
+// the next launch needs no host round trip. One warp per segment: a row is 8..32 uint4 for
+// head_dim 64..256, so a warp moves both rows of a segment in one or two vector steps.
+// Both supported dtypes are 16-bit, and append only moves rows, so one instantiation per
+// head_dim serves f16 and bf16 alike.
+#include "compat.cuh"
+#include "params.h"
+#include "segment.cuh"
+#include "vec.cuh"
+
+namespace hw {
+
+constexpr int kAppendWarpsPerBlock = 4;
+
+template <int HEAD_DIM>
+__device__ void append_body(const HwAppendParams& p) {
+    constexpr int kVecsPerRow = HEAD_DIM / kElemsPerVec;
+    const int warp = threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    const int32_t s = blockIdx.x * kAppendWarpsPerBlock + warp;
+    if (s >= p.seg.num_segments) return;  // whole warps only: no barrier below spans warps
+
+    const SegmentView seg = SegmentView::load(p.seg, s);
+    const int64_t dst = seg.append_row();
+    const uint4* k_src = row_vec(p.k_new, s, HEAD_DIM);
+    const uint4* v_src = row_vec(p.v_new, s, HEAD_DIM);
+    uint4* k_dst = row_vec(p.k_cache, dst, HEAD_DIM);
+    uint4* v_dst = row_vec(p.v_cache, dst, HEAD_DIM);
+    for (int i = lane; i < 2 * kVecsPerRow; i += 32) {
+        if (i < kVecsPerRow) {
+            k_dst[i] = k_src[i];
+        } else {
+            v_dst[i - kVecsPerRow] = v_src[i - kVecsPerRow];
+        }
+    }
+    // Every lane has read the old len/ring_head above; only then may one lane advance them.
+    __syncwarp();
+    if (lane == 0) {
+        int32_t new_len, new_head;
+        seg.advance(&new_len, &new_head);
+        p.seg.len[s] = new_len;
+        p.seg.ring_head[s] = new_head;
+    }
+}
+
+// One block per segment, rows strided over the block: regrow is rare and bandwidth-bound.
+template <int HEAD_DIM>
+__device__ void relayout_body(const HwRelayoutParams& p) {
+    constexpr int kVecsPerRow = HEAD_DIM / kElemsPerVec;
+    const int32_t s = blockIdx.x;
+    const int64_t src = p.src_offset[s];
+    const int64_t dst = p.dst_offset[s];
+    const int64_t n = int64_t(p.len[s]) * kVecsPerRow;
+    const uint4* ks = row_vec(p.k_src, src, HEAD_DIM);
+    const uint4* vs = row_vec(p.v_src, src, HEAD_DIM);
+    uint4* kd = row_vec(p.k_dst, dst, HEAD_DIM);
+    uint4* vd = row_vec(p.v_dst, dst, HEAD_DIM);
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+        kd[i] = ks[i];
+        vd[i] = vs[i];
+    }
+}
+
+}  // namespace hw
+
+// The instantiation list: the only place kernel names are spelled. build.rs reads the names
+// from it for both the fatbin symbol table and the emulator entry points.
+#define HW_APPEND_KERNELS(X)            \
+    X(hw_append_d64, append_body<64>)   \
+    X(hw_append_d128, append_body<128>) \
+    X(hw_append_d256, append_body<256>)
+
+#define HW_RELAYOUT_KERNELS(X)                  \
+    X(hw_relayout_d64, relayout_body<64>)       \
+    X(hw_relayout_d128, relayout_body<128>)     \
+    X(hw_relayout_d256, relayout_body<256>)
+
+#define HW_APPEND_ENTRY(name, body) \
+    HW_KERNEL_ENTRY_BOUNDED(name, HwAppendParams, 32 * hw::kAppendWarpsPerBlock, (hw::body(p)))
+#define HW_RELAYOUT_ENTRY(name, body) \
+    HW_KERNEL_ENTRY_BOUNDED(name, HwRelayoutParams, 256, (hw::body(p)))
+HW_APPEND_KERNELS(HW_APPEND_ENTRY)
+HW_RELAYOUT_KERNELS(HW_RELAYOUT_ENTRY)

@@ -1,0 +1,247 @@
+//! The GPU store: CUDA device memory and the fatbins build.rs embedded, through cudarc.
+//!
+//! cudarc loads libcuda at run time, so this module builds everywhere; [`GpuStore::new`] returns
+//! [`Error::NoGpu`] (never panics) where there is no driver or device, and [`Error::NoKernels`]
+//! where the library was built without nvcc. Each kernel file's module is loaded once per store
+//! (clones share it) on first use.
+
+use crate::error::{Error, Result};
+use crate::kernels::{FATBINS, MODULES, module_of};
+use crate::params::HwLaunch;
+use crate::store::{Elem, KernelParams, Store};
+use cudarc::driver::sys::CUstream;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig,
+    PushKernelArg, SyncOnDrop,
+};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// A device buffer: owned by headwise (a `CudaSlice`) or borrowed from an engine.
+pub enum GpuBuf<T: Elem> {
+    /// Memory allocated through cudarc; freed on drop.
+    Owned(CudaSlice<T>),
+    /// Memory owned by someone else (see [`GpuBuf::borrowed`]).
+    Borrowed {
+        /// Device address.
+        ptr: u64,
+        /// Elements.
+        len: usize,
+    },
+}
+
+impl<T: Elem> GpuBuf<T> {
+    /// Wraps `len` elements of device memory at `ptr` that an engine owns.
+    ///
+    /// # Safety
+    /// `ptr` must be a device address in the store's context, valid for `len` elements of `T`
+    /// for as long as this value (and any cache built on it) is used, and every kernel the
+    /// store runs over it must be ordered with the engine's own use of the memory (pass the
+    /// engine's stream to [`GpuStore::from_engine_stream`]). headwise never frees it.
+    pub unsafe fn borrowed(ptr: u64, len: usize) -> GpuBuf<T> {
+        GpuBuf::Borrowed { ptr, len }
+    }
+}
+
+struct Loaded {
+    modules: Vec<Option<Arc<CudaModule>>>,
+    functions: HashMap<&'static str, CudaFunction>,
+}
+
+/// A CUDA device and the stream headwise launches on.
+#[derive(Clone)]
+pub struct GpuStore {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    sm_count: usize,
+    loaded: Arc<Mutex<Loaded>>,
+}
+
+impl std::fmt::Debug for GpuStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuStore").field("ordinal", &self.ctx.ordinal()).finish()
+    }
+}
+
+/// Opens device `ordinal`'s primary context, or says why it can't.
+fn open_context(ordinal: usize) -> Result<Arc<CudaContext>> {
+    if FATBINS.iter().any(Option::is_none) {
+        return Err(Error::NoKernels);
+    }
+    // SAFETY: only probes whether the driver library can be loaded.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(Error::NoGpu("the CUDA driver library (libcuda) is not installed".into()));
+    }
+    // CudaContext::new panics inside cudarc on some driver failures; keep that from reaching
+    // the caller.
+    let count = std::panic::catch_unwind(CudaContext::device_count)
+        .map_err(|_| Error::NoGpu("the CUDA driver failed to initialise".into()))?
+        .map_err(|e| Error::NoGpu(format!("the CUDA driver failed to initialise: {e}")))?;
+    if ordinal >= count.max(0) as usize {
+        return Err(Error::NoGpu(format!("device ordinal {ordinal} requested, {count} device(s) present")));
+    }
+    std::panic::catch_unwind(|| CudaContext::new(ordinal))
+        .map_err(|_| Error::NoGpu(format!("creating a context on device {ordinal} panicked")))?
+        .map_err(|e| Error::NoGpu(format!("creating a context on device {ordinal}: {e}")))
+}
+
+impl GpuStore {
+    /// The primary context of device `ordinal` and a new stream on it.
+    pub fn new(ordinal: usize) -> Result<GpuStore> {
+        let ctx = open_context(ordinal)?;
+        let stream = ctx.new_stream()?;
+        GpuStore::with_stream(ctx, stream)
+    }
+
+    /// A store that launches on a stream an engine owns, in device `ordinal`'s primary context
+    /// (the context the CUDA runtime API uses, so engines built on the runtime share it).
+    ///
+    /// # Safety
+    /// `stream` must be a live stream of that primary context and stay alive while the store
+    /// (or a clone, or a cache built on it) is used. The engine is responsible for ordering its
+    /// own work on other streams with the kernels headwise enqueues on this one.
+    pub unsafe fn from_engine_stream(ordinal: usize, stream: CUstream) -> Result<GpuStore> {
+        let ctx = open_context(ordinal)?;
+        // SAFETY: forwarded from the caller's contract.
+        let stream = unsafe { ctx.wrap_borrowed_stream(stream) };
+        GpuStore::with_stream(ctx, stream)
+    }
+
+    fn with_stream(ctx: Arc<CudaContext>, stream: Arc<CudaStream>) -> Result<GpuStore> {
+        let sm_count =
+            ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+        let loaded = Loaded { modules: vec![None; MODULES.len()], functions: HashMap::new() };
+        Ok(GpuStore { ctx, stream, sm_count: sm_count.max(1) as usize, loaded: Arc::new(Mutex::new(loaded)) })
+    }
+
+    /// The stream every launch of this store goes to.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// Waits for everything queued on the store's stream.
+    pub fn synchronize(&self) -> Result<()> {
+        Ok(self.stream.synchronize()?)
+    }
+
+    fn function(&self, name: &'static str) -> Result<CudaFunction> {
+        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = loaded.functions.get(name) {
+            return Ok(f.clone());
+        }
+        let m = module_of(name).ok_or_else(|| Error::invalid("kernel", format!("unknown kernel {name}")))?;
+        let module = match &loaded.modules[m] {
+            Some(module) => module.clone(),
+            None => {
+                let bytes = FATBINS[m].ok_or(Error::NoKernels)?;
+                let module = self.ctx.load_module(cudarc::nvrtc::Ptx::from_binary(bytes.to_vec()))?;
+                loaded.modules[m] = Some(module.clone());
+                module
+            }
+        };
+        let f = module.load_function(name)?;
+        loaded.functions.insert(name, f.clone());
+        Ok(f)
+    }
+}
+
+impl Store for GpuStore {
+    type Buf<T: Elem> = GpuBuf<T>;
+    type Pins<'a> = Vec<SyncOnDrop<'a>>;
+
+    fn upload<T: Elem>(&self, data: &[T]) -> Result<GpuBuf<T>> {
+        Ok(GpuBuf::Owned(self.stream.clone_htod(data)?))
+    }
+    fn zeros<T: Elem>(&self, n: usize) -> Result<GpuBuf<T>> {
+        Ok(GpuBuf::Owned(self.stream.alloc_zeros::<T>(n)?))
+    }
+    fn download<T: Elem>(&self, buf: &GpuBuf<T>) -> Result<Vec<T>> {
+        let mut out = vec![T::zeroed(); Self::len(buf)];
+        match buf {
+            GpuBuf::Owned(s) => self.stream.memcpy_dtoh(s, &mut out)?,
+            GpuBuf::Borrowed { ptr, len } => {
+                // SAFETY: the caller of GpuBuf::borrowed vouched for ptr/len; the view is
+                // leaked back (never freed) before it drops.
+                let view = unsafe { self.stream.upgrade_device_ptr::<T>(*ptr, *len) };
+                let r = self.stream.memcpy_dtoh(&view, &mut out);
+                view.leak();
+                r?
+            }
+        }
+        self.stream.synchronize()?;
+        Ok(out)
+    }
+    fn overwrite<T: Elem>(&self, buf: &mut GpuBuf<T>, data: &[T]) -> Result<()> {
+        if Self::len(buf) != data.len() {
+            return Err(Error::invalid(
+                "data",
+                format!("{} elements for a buffer of {}", data.len(), Self::len(buf)),
+            ));
+        }
+        match buf {
+            GpuBuf::Owned(s) => self.stream.memcpy_htod(data, s)?,
+            GpuBuf::Borrowed { ptr, len } => {
+                // SAFETY: as in download.
+                let mut view = unsafe { self.stream.upgrade_device_ptr::<T>(*ptr, *len) };
+                let r = self.stream.memcpy_htod(data, &mut view);
+                view.leak();
+                r?
+            }
+        }
+        Ok(())
+    }
+    fn len<T: Elem>(buf: &GpuBuf<T>) -> usize {
+        match buf {
+            GpuBuf::Owned(s) => s.len(),
+            GpuBuf::Borrowed { len, .. } => *len,
+        }
+    }
+    fn sm_count(&self) -> usize {
+        self.sm_count
+    }
+    fn addr<'a, T: Elem>(&'a self, buf: &'a GpuBuf<T>, pins: &mut Vec<SyncOnDrop<'a>>) -> u64 {
+        match buf {
+            GpuBuf::Owned(s) => {
+                let (p, guard) = s.device_ptr(&self.stream);
+                pins.push(guard);
+                p
+            }
+            GpuBuf::Borrowed { ptr, .. } => *ptr,
+        }
+    }
+    fn addr_mut<'a, T: Elem>(&'a self, buf: &'a mut GpuBuf<T>, pins: &mut Vec<SyncOnDrop<'a>>) -> u64 {
+        match buf {
+            GpuBuf::Owned(s) => {
+                let (p, guard) = s.device_ptr_mut(&self.stream);
+                pins.push(guard);
+                p
+            }
+            GpuBuf::Borrowed { ptr, .. } => *ptr,
+        }
+    }
+    unsafe fn launch<P: KernelParams>(&self, name: &'static str, cfg: &HwLaunch, params: &P) -> Result<()> {
+        let f = self.function(name)?;
+        if cfg.dyn_smem_bytes > 48 * 1024 {
+            f.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                cfg.dyn_smem_bytes as i32,
+            )?;
+        }
+        let config = LaunchConfig {
+            grid_dim: (cfg.grid_x, cfg.grid_y, cfg.grid_z),
+            block_dim: (cfg.block_x, cfg.block_y, cfg.block_z),
+            shared_mem_bytes: cfg.dyn_smem_bytes,
+        };
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(params);
+        // SAFETY: the kernel takes exactly one P by value (KernelParams), and the caller
+        // guarantees every address and index in it is valid (Store::launch contract).
+        unsafe { b.launch(config) }?;
+        Ok(())
+    }
+}

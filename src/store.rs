@@ -1,0 +1,71 @@
+//! Where a layer's buffers live and how kernels are launched on them.
+//!
+//! Every operation is written once, generic over [`Store`]: validate on the host, fill a params
+//! struct from `cuda/params.h` with buffer addresses, launch by kernel name. Two stores exist:
+//! [`crate::emu::EmuStore`] (host memory, kernels run by the CPU SIMT emulator) and
+//! [`crate::gpu::GpuStore`] (CUDA device memory, kernels from the embedded fatbins). Both run the
+//! same `.cu` source.
+
+use crate::error::Result;
+use crate::params::HwLaunch;
+use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
+
+/// Plain data a store can hold: the cache dtypes and the int32 metadata.
+pub trait Elem: bytemuck::Pod + DeviceRepr + ValidAsZeroBits + Send + Sync + 'static {}
+impl<T: bytemuck::Pod + DeviceRepr + ValidAsZeroBits + Send + Sync + 'static> Elem for T {}
+
+/// A launch-parameter struct from `cuda/params.h`.
+///
+/// # Safety
+/// Implement only for `#[repr(C)]` plain-data structs generated from `cuda/params.h`, whose
+/// kernel signature takes exactly that struct by value.
+pub unsafe trait KernelParams: DeviceRepr + Copy {}
+
+/// A place that holds buffers and runs kernels over them.
+pub trait Store: Clone {
+    /// A buffer of `T` in this store.
+    type Buf<T: Elem>;
+    /// Keeps buffers pinned for a launch (cudarc's stream-ordering guards on the GPU).
+    #[doc(hidden)]
+    type Pins<'a>: Default
+    where
+        Self: 'a;
+
+    /// A buffer holding a copy of `data`.
+    fn upload<T: Elem>(&self, data: &[T]) -> Result<Self::Buf<T>>;
+    /// A buffer of `n` zeros.
+    fn zeros<T: Elem>(&self, n: usize) -> Result<Self::Buf<T>>;
+    /// Copies a buffer back to the host (waits for queued work on it).
+    fn download<T: Elem>(&self, buf: &Self::Buf<T>) -> Result<Vec<T>>;
+    /// Overwrites the whole buffer with `data` (lengths must match).
+    fn overwrite<T: Elem>(&self, buf: &mut Self::Buf<T>, data: &[T]) -> Result<()>;
+    /// Elements in a buffer.
+    fn len<T: Elem>(buf: &Self::Buf<T>) -> usize;
+    /// Streaming multiprocessors the kernels spread over (sizes flash-decoding splits). The
+    /// emulator reports an H100 SXM's 132 so its plans match the GPU's.
+    fn sm_count(&self) -> usize;
+
+    /// Address of a buffer for a kernel that only reads it.
+    #[doc(hidden)]
+    fn addr<'a, T: Elem>(&'a self, buf: &'a Self::Buf<T>, pins: &mut Self::Pins<'a>) -> u64;
+    /// Address of a buffer for a kernel that writes it.
+    #[doc(hidden)]
+    fn addr_mut<'a, T: Elem>(&'a self, buf: &'a mut Self::Buf<T>, pins: &mut Self::Pins<'a>) -> u64;
+    /// Launches kernel `name` over `params`.
+    ///
+    /// # Safety
+    /// Every address in `params` must come from `addr`/`addr_mut` of this store (pinned in the
+    /// same `Pins`, kept alive until this returns), and the caller must have validated every
+    /// index the kernel will form from `params` against those buffers' lengths.
+    #[doc(hidden)]
+    unsafe fn launch<P: KernelParams>(&self, name: &'static str, cfg: &HwLaunch, params: &P) -> Result<()>;
+}
+
+/// Checks that a buffer address meets the kernels' 16-byte vector alignment.
+pub(crate) fn check_aligned(field: &str, addr: u64) -> Result<()> {
+    if addr.is_multiple_of(16) {
+        Ok(())
+    } else {
+        Err(crate::Error::invalid(field, format!("address {addr:#x} is not 16-byte aligned")))
+    }
+}

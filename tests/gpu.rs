@@ -1,0 +1,99 @@
+//! GPU tests. Opening a store must never panic, GPU or not (checked in every run). The kernel
+//! tests need `--features gpu-tests` and a GPU; with the feature on and no GPU they fail, so a
+//! GPU run cannot pass by skipping.
+
+mod common;
+
+use headwise::{Error, GpuStore};
+
+#[test]
+fn opening_a_gpu_store_returns_an_error_not_a_panic() {
+    let opened = std::panic::catch_unwind(|| GpuStore::new(0).map(|_| ()));
+    match opened.expect("GpuStore::new panicked") {
+        Ok(()) => eprintln!("gpu: a GPU is present"),
+        Err(e @ (Error::NoGpu(_) | Error::NoKernels)) => eprintln!("gpu: no GPU here ({e})"),
+        Err(e) => panic!("unexpected error kind: {e}"),
+    }
+    let far = std::panic::catch_unwind(|| GpuStore::new(1 << 20).map(|_| ()));
+    assert!(matches!(far.expect("GpuStore::new panicked"), Err(Error::NoGpu(_) | Error::NoKernels)));
+}
+
+#[cfg(feature = "gpu-tests")]
+mod on_gpu {
+    use super::common::{SegSpec, append_scenario, build_layout, seg_spec};
+    use half::{bf16, f16};
+    use headwise::{GpuStore, Store};
+    use proptest::prelude::*;
+
+    fn store() -> GpuStore {
+        GpuStore::new(0).unwrap_or_else(|e| panic!("gpu-tests enabled but no usable GPU: {e}"))
+    }
+
+    #[test]
+    fn append_matches_reference_on_gpu() {
+        let store = store();
+        for head_dim in [64, 128, 256] {
+            let specs = [
+                SegSpec::Streaming { sink: 2, window: 3 },
+                SegSpec::Full { len: 1, headroom: 2 },
+                SegSpec::Streaming { sink: 0, window: 1 },
+                SegSpec::Full { len: 0, headroom: 0 },
+                SegSpec::Streaming { sink: 4, window: 7 },
+            ];
+            let layout = build_layout(1, 5, &specs, &[0, 3, 0, 1, 2]);
+            append_scenario::<_, f16>(&store, layout.clone(), head_dim, 40, 3, head_dim as u64);
+            append_scenario::<_, bf16>(&store, layout, head_dim, 40, 3, 1 + head_dim as u64);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn append_random_layouts_on_gpu(
+            (batch, kv_heads, specs, gaps) in (1usize..9, 1usize..9).prop_flat_map(|(b, h)| {
+                (Just(b), Just(h), proptest::collection::vec(seg_spec(), b * h), proptest::collection::vec(0u32..3, b * h))
+            }),
+            head_dim in prop::sample::select(vec![64usize, 128, 256]),
+            steps in 0usize..24,
+            seed in any::<u64>(),
+        ) {
+            let layout = build_layout(batch, kv_heads, &specs, &gaps);
+            append_scenario::<_, bf16>(&store(), layout, head_dim, steps, 2, seed);
+        }
+    }
+
+    #[test]
+    fn engine_memory_entry_point() {
+        // Memory the "engine" owns, wrapped without transferring ownership.
+        let store = store();
+        let layout = headwise::LayoutBuilder::new(2, 4).headroom(8).build().unwrap();
+        let elems = layout.total_rows() * 128;
+        let k = store.stream().alloc_zeros::<bf16>(elems).unwrap();
+        let v = store.stream().alloc_zeros::<bf16>(elems).unwrap();
+        let (kp, vp) = (k.leak(), v.leak());
+        // SAFETY: kp/vp are live allocations of `elems` bf16 on this store's context and stream.
+        let (kb, vb) =
+            unsafe { (headwise::GpuBuf::borrowed(kp, elems), headwise::GpuBuf::borrowed(vp, elems)) };
+        let mut cache = headwise::LayerCache::<_, bf16>::from_parts(&store, layout, 128, kb, vb).unwrap();
+        let new: Vec<bf16> = (0..8 * 128).map(|i| bf16::from_f32(i as f32)).collect();
+        let dn = store.upload(&new).unwrap();
+        cache.append(&dn, &dn).unwrap();
+        let got = store.download(cache.k()).unwrap();
+        for s in 0..8 {
+            let row = cache.layout().segments()[s].offset as usize;
+            assert_eq!(&got[row * 128..(row + 1) * 128], &new[s * 128..(s + 1) * 128]);
+        }
+        // Misaligned engine pointers are refused before any launch.
+        let bad = unsafe { headwise::GpuBuf::<bf16>::borrowed(kp + 2, elems) };
+        let again = unsafe { headwise::GpuBuf::<bf16>::borrowed(vp, elems) };
+        let layout = headwise::LayoutBuilder::new(2, 4).headroom(8).build().unwrap();
+        assert!(headwise::LayerCache::<_, bf16>::from_parts(&store, layout, 128, bad, again).is_err());
+        // SAFETY: give the leaked allocations back to cudarc so they are freed.
+        drop(unsafe {
+            (
+                store.stream().upgrade_device_ptr::<bf16>(kp, elems),
+                store.stream().upgrade_device_ptr::<bf16>(vp, elems),
+            )
+        });
+    }
+}

@@ -1,0 +1,261 @@
+//! Acceptance tests of the CPU SIMT emulator itself (`cuda/simt/`), through the self-test kernels
+//! in `cuda/simt/selftest.cu`:
+//! - exact results of barriers, shuffles, votes, atomics, shared memory, WMMA and half/bf16
+//!   conversions, in every schedule order;
+//! - planted kernel bugs reported in every order, naming the thread and the offending line;
+//! - the schedule knob exposing a missing barrier that the default order hides;
+//! - in sanitized builds, AddressSanitizer catching a shared-memory overrun at its line.
+
+use headwise::simt_selftest as selftest;
+use std::process::Command;
+
+/// Orders every test runs under: the environment's (CI sets HEADWISE_EMU_SCHEDULE), then fixed
+/// ones, then a fresh random seed (reports carry the seed for replay).
+const SCHEDULES: &[Option<&str>] =
+    &[None, Some("forward"), Some("reverse"), Some("random:1"), Some("random:2"), Some("random")];
+
+const SELFTEST_SOURCE: &str = include_str!("../cuda/simt/selftest.cu");
+
+/// "selftest.cu:<line>" of the line carrying the `@planted:<marker>` comment.
+fn planted_site(marker: &str) -> String {
+    let tag = format!("@planted:{marker}");
+    let lines: Vec<usize> = SELFTEST_SOURCE
+        .lines()
+        .enumerate()
+        .filter(|(_, text)| text.trim_end().ends_with(&tag))
+        .map(|(i, _)| i + 1)
+        .collect();
+    assert_eq!(lines.len(), 1, "marker {tag} must occur on exactly one line of selftest.cu");
+    format!("selftest.cu:{}", lines[0])
+}
+
+fn under_schedule<R>(schedule: Option<&str>, f: impl FnOnce() -> R) -> R {
+    match schedule {
+        Some(spec) => selftest::with_schedule(spec, f).expect("valid schedule"),
+        None => f(),
+    }
+}
+
+fn expect_exact(test: &str) {
+    for &schedule in SCHEDULES {
+        if let Err(e) = under_schedule(schedule, || selftest::run(test)) {
+            panic!("{test} (schedule {}): {e}", schedule.unwrap_or("from the environment"));
+        }
+    }
+}
+
+/// Checks that the planted bug is reported in every order, and that the report names every
+/// marked line and contains each of `phrases`.
+fn expect_report(test: &str, markers: &[&str], phrases: &[&str]) {
+    for &schedule in SCHEDULES {
+        let order = schedule.unwrap_or("from the environment");
+        let report = match under_schedule(schedule, || selftest::run(test)) {
+            Ok(()) => panic!("{test} (schedule {order}): the planted bug was not reported"),
+            Err(report) => report,
+        };
+        for marker in markers {
+            let site = planted_site(marker);
+            assert!(
+                report.contains(&site),
+                "{test} (schedule {order}): report does not name {site}: {report}"
+            );
+        }
+        for phrase in phrases {
+            assert!(report.contains(phrase), "{test} (schedule {order}): report lacks {phrase:?}: {report}");
+        }
+    }
+}
+
+#[test]
+fn every_self_test_is_covered() {
+    let source = include_str!("simt.rs");
+    for name in selftest::POSITIVE.iter().chain(selftest::PLANTED) {
+        assert!(source.contains(&format!("\"{name}\"")), "self-test {name} is not run by tests/simt.rs");
+    }
+}
+
+#[test]
+fn shuffles_with_widths() {
+    expect_exact("shuffles");
+}
+
+#[test]
+fn votes_matches_and_reductions_with_partial_masks() {
+    expect_exact("votes");
+}
+
+#[test]
+fn half_warps_with_disjoint_masks() {
+    expect_exact("disjoint_masks");
+}
+
+#[test]
+fn block_barriers_count_and_or() {
+    expect_exact("block_reductions");
+}
+
+#[test]
+fn block_of_1024_threads() {
+    expect_exact("big_block");
+}
+
+#[test]
+fn atomics_from_many_blocks() {
+    expect_exact("atomics");
+}
+
+#[test]
+fn dynamic_shared_memory_is_aligned_and_poisoned() {
+    expect_exact("dynamic_shared");
+}
+
+#[test]
+fn static_shared_memory_across_blocks() {
+    expect_exact("static_shared");
+}
+
+#[test]
+fn wmma_f16_matches_a_plain_loop() {
+    expect_exact("wmma_f16");
+}
+
+#[test]
+fn wmma_bf16_matches_a_plain_loop() {
+    expect_exact("wmma_bf16");
+}
+
+#[test]
+fn vector_types_have_cuda_alignment() {
+    expect_exact("vector_types");
+}
+
+#[test]
+fn half_and_bf16_conversions_are_exact() {
+    expect_exact("conversions");
+}
+
+#[test]
+fn invalid_launches_are_refused() {
+    expect_exact("launch_errors");
+}
+
+#[test]
+fn a_kernel_error_leaves_the_emulator_usable() {
+    expect_exact("recovery");
+}
+
+#[test]
+fn invalid_schedule_is_refused() {
+    let err = selftest::set_thread_schedule(Some("sideways")).unwrap_err();
+    assert!(err.contains("sideways"), "{err}");
+    selftest::set_thread_schedule(Some("random:12")).unwrap();
+    selftest::set_thread_schedule(None).unwrap();
+}
+
+#[test]
+fn early_return_before_barrier() {
+    expect_report("planted_early_return", &["early-return"], &["thread (5,0,0)", "early return"]);
+}
+
+#[test]
+fn threads_at_different_barriers() {
+    expect_report(
+        "planted_divergent_barrier",
+        &["divergent-low", "divergent-high"],
+        &["divergent __syncthreads"],
+    );
+}
+
+#[test]
+fn shuffle_reading_an_exited_lane() {
+    expect_report(
+        "planted_lane_exited",
+        &["lane-exited"],
+        &["thread (6,0,0) [warp 0, lane 6]", "reads lane 7, which has exited"],
+    );
+}
+
+#[test]
+fn lane_waiting_at_another_collective() {
+    expect_report("planted_lane_elsewhere", &["elsewhere-ballot", "elsewhere-shfl"], &["same collective"]);
+}
+
+#[test]
+fn lane_missing_from_its_own_mask() {
+    expect_report(
+        "planted_mask_without_self",
+        &["mask-without-self"],
+        &["thread (0,0,0) [warp 0, lane 0]", "does not name the calling lane 0"],
+    );
+}
+
+#[test]
+fn mismatched_collectives() {
+    expect_report("planted_mismatched_collectives", &["mismatch-xor", "mismatch-down"], &["same collective"]);
+}
+
+#[test]
+fn collectives_waiting_in_a_cycle() {
+    expect_report(
+        "planted_cyclic_wait",
+        &["cycle-lane0", "cycle-lane1"],
+        &["thread (0,0,0) [warp 0, lane 0]", "deadlock"],
+    );
+}
+
+#[test]
+fn warps_deadlocked_between_barrier_and_shuffles() {
+    expect_report(
+        "planted_deadlock",
+        &["deadlock-shfl", "deadlock-barrier"],
+        &["thread (1,0,0) [warp 0, lane 1]", "deadlock"],
+    );
+}
+
+#[test]
+fn misaligned_wmma_pointer() {
+    expect_report("planted_wmma_misaligned", &["wmma-misaligned"], &["256-bit aligned"]);
+}
+
+#[test]
+fn schedule_order_exposes_a_missing_barrier() {
+    let race = |spec| selftest::with_schedule(spec, selftest::race_wrong_values).unwrap().unwrap();
+    assert_eq!(race("forward"), 0, "forward order runs each writer before its reader");
+    let reverse = race("reverse");
+    assert_eq!(reverse, 255, "reverse order runs every reader but thread 0 before its writer");
+    let random = race("random:1");
+    assert!(random > 0 && random < 255, "random order: {random} stale reads");
+}
+
+const OVERRUN_CHILD: &str = "HEADWISE_SIMT_OVERRUN_CHILD";
+
+/// Re-runs this test binary as a child that performs the overrun, and checks how it died.
+#[test]
+fn shared_memory_overrun_is_caught_by_asan() {
+    if std::env::var_os(OVERRUN_CHILD).is_some() {
+        // The child: AddressSanitizer ends the process here; returning means it did not.
+        let outcome = selftest::shared_overrun();
+        println!("overrun was not caught: {outcome:?}");
+        return;
+    }
+    if !selftest::built_with_asan() {
+        println!(
+            "not run: build with HEADWISE_EMU_SANITIZE=1 and run with \
+             LD_PRELOAD=$(cc -print-file-name=libasan.so) to check shared-memory overruns"
+        );
+        return;
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    let out = Command::new(exe)
+        .args(["--exact", "shared_memory_overrun_is_caught_by_asan", "--nocapture", "--test-threads=1"])
+        .env(OVERRUN_CHILD, "1")
+        // UBSan's bounds check sees the same write first; let it report and go on to ASan's.
+        .env("UBSAN_OPTIONS", "halt_on_error=0:print_stacktrace=1")
+        .output()
+        .expect("run the child test process");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let site = planted_site("shared-overrun");
+    assert!(!out.status.success(), "the child survived the overrun:\n{stderr}");
+    assert!(stderr.contains("ERROR: AddressSanitizer"), "no AddressSanitizer report:\n{stderr}");
+    assert!(stderr.contains(&site), "the report does not name {site}:\n{stderr}");
+}
