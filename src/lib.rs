@@ -16,6 +16,7 @@ mod kernels;
 pub mod layout;
 #[rustfmt::skip]
 pub mod params;
+pub mod policy;
 pub mod reference;
 #[doc(hidden)]
 pub mod simt_selftest;
