@@ -67,6 +67,32 @@ typedef struct HwRelayoutParams {
     int32_t head_dim;
 } HwRelayoutParams;
 
+/* Decode attention over every segment of a layer (SPEC section 5). Query head
+ * qh = kv_head * group_size + g of sequence b attends over segment s = b * num_kv_heads + kv_head.
+ * q:   [num_segments * group_size][head_dim] (= [batch][heads][head_dim]), KV dtype.
+ * out: same shape, KV dtype. lse: [num_segments * group_size] f32 natural-log sum of
+ *      exp(scaled logits), or NULL; an empty segment gives out = 0, lse = -inf.
+ * Segments longer than chunk_tokens are split over gridDim.y = max_splits blocks; split c of
+ * segment s covers tokens [c * chunk_tokens, min(len, (c + 1) * chunk_tokens)) and, when the
+ * segment has more than one split, writes normalized partial outputs and base-2 LSEs to the
+ * workspace ([num_segments * group_size][max_splits][head_dim] and [..][max_splits], f32),
+ * which the merge kernel combines. */
+typedef struct HwAttentionParams {
+    const void* q;
+    const void* k_cache;
+    const void* v_cache;
+    HwSegmentTable seg;
+    void* out;
+    float* lse;
+    float* partial_out;
+    float* partial_lse;
+    int32_t group_size;
+    int32_t head_dim;
+    int32_t chunk_tokens;
+    int32_t max_splits;
+    float scale_log2; /* softmax scale * log2(e): logits are kept in base 2 */
+} HwAttentionParams;
+
 /* Launch geometry handed to the emulator (the GPU path passes the same numbers to the driver). */
 typedef struct HwLaunch {
     uint32_t grid_x, grid_y, grid_z;

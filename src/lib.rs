@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 #![doc = include_str!("../README.md")]
 
+pub mod attention;
 pub mod cache;
 pub mod dtype;
 pub mod emu;
@@ -22,6 +23,7 @@ pub mod reference;
 pub mod simt_selftest;
 pub mod store;
 
+pub use attention::{AttentionOptions, AttentionWorkspace};
 pub use cache::LayerCache;
 pub use dtype::{DType, KvElem};
 pub use emu::{EmuBuf, EmuStore};

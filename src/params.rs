@@ -152,6 +152,80 @@ impl Default for HwRelayoutParams {
     }
 }
 #[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct HwAttentionParams {
+    pub q: *const ::core::ffi::c_void,
+    pub k_cache: *const ::core::ffi::c_void,
+    pub v_cache: *const ::core::ffi::c_void,
+    pub seg: HwSegmentTable,
+    pub out: *mut ::core::ffi::c_void,
+    pub lse: *mut f32,
+    pub partial_out: *mut f32,
+    pub partial_lse: *mut f32,
+    pub group_size: i32,
+    pub head_dim: i32,
+    pub chunk_tokens: i32,
+    pub max_splits: i32,
+    pub scale_log2: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    [
+        "Size of HwAttentionParams",
+    ][::core::mem::size_of::<HwAttentionParams>() - 136usize];
+    [
+        "Alignment of HwAttentionParams",
+    ][::core::mem::align_of::<HwAttentionParams>() - 8usize];
+    [
+        "Offset of field: HwAttentionParams::q",
+    ][::core::mem::offset_of!(HwAttentionParams, q) - 0usize];
+    [
+        "Offset of field: HwAttentionParams::k_cache",
+    ][::core::mem::offset_of!(HwAttentionParams, k_cache) - 8usize];
+    [
+        "Offset of field: HwAttentionParams::v_cache",
+    ][::core::mem::offset_of!(HwAttentionParams, v_cache) - 16usize];
+    [
+        "Offset of field: HwAttentionParams::seg",
+    ][::core::mem::offset_of!(HwAttentionParams, seg) - 24usize];
+    [
+        "Offset of field: HwAttentionParams::out",
+    ][::core::mem::offset_of!(HwAttentionParams, out) - 80usize];
+    [
+        "Offset of field: HwAttentionParams::lse",
+    ][::core::mem::offset_of!(HwAttentionParams, lse) - 88usize];
+    [
+        "Offset of field: HwAttentionParams::partial_out",
+    ][::core::mem::offset_of!(HwAttentionParams, partial_out) - 96usize];
+    [
+        "Offset of field: HwAttentionParams::partial_lse",
+    ][::core::mem::offset_of!(HwAttentionParams, partial_lse) - 104usize];
+    [
+        "Offset of field: HwAttentionParams::group_size",
+    ][::core::mem::offset_of!(HwAttentionParams, group_size) - 112usize];
+    [
+        "Offset of field: HwAttentionParams::head_dim",
+    ][::core::mem::offset_of!(HwAttentionParams, head_dim) - 116usize];
+    [
+        "Offset of field: HwAttentionParams::chunk_tokens",
+    ][::core::mem::offset_of!(HwAttentionParams, chunk_tokens) - 120usize];
+    [
+        "Offset of field: HwAttentionParams::max_splits",
+    ][::core::mem::offset_of!(HwAttentionParams, max_splits) - 124usize];
+    [
+        "Offset of field: HwAttentionParams::scale_log2",
+    ][::core::mem::offset_of!(HwAttentionParams, scale_log2) - 128usize];
+};
+impl Default for HwAttentionParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct HwLaunch {
     pub grid_x: u32,

@@ -38,3 +38,50 @@ pub fn token_rows(layout: &LayerLayout, segment: usize) -> Vec<u64> {
     let s = &layout.segments()[segment];
     (0..s.len).map(|i| s.row(i)).collect()
 }
+
+/// Decode attention in f64 over the same logical tokens as [`crate::LayerCache::attention`]:
+/// returns (`out` as f64, natural-log `lse`), each `[num_segments * group_size]` heads
+/// (`out` with `head_dim` values per head). An empty segment gives zeros and `-inf`.
+pub fn attention<T: crate::KvElem>(
+    layout: &LayerLayout,
+    head_dim: usize,
+    k: &[T],
+    v: &[T],
+    q: &[T],
+    group_size: usize,
+    scale: f64,
+) -> (Vec<f64>, Vec<f64>) {
+    let n = layout.segments().len();
+    let mut out = vec![0.0; n * group_size * head_dim];
+    let mut lse = vec![f64::NEG_INFINITY; n * group_size];
+    let f = |x: T| f64::from(x.to_f32());
+    for s in 0..n {
+        let rows = token_rows(layout, s);
+        for g in 0..group_size {
+            let qh = s * group_size + g;
+            let qv = &q[qh * head_dim..(qh + 1) * head_dim];
+            let logits: Vec<f64> = rows
+                .iter()
+                .map(|&r| {
+                    let kr = &k[r as usize * head_dim..(r as usize + 1) * head_dim];
+                    scale * qv.iter().zip(kr).map(|(&a, &b)| f(a) * f(b)).sum::<f64>()
+                })
+                .collect();
+            if logits.is_empty() {
+                continue;
+            }
+            let m = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let w: Vec<f64> = logits.iter().map(|&l| (l - m).exp()).collect();
+            let total: f64 = w.iter().sum();
+            lse[qh] = m + total.ln();
+            let o = &mut out[qh * head_dim..(qh + 1) * head_dim];
+            for (&r, &wi) in rows.iter().zip(&w) {
+                let vr = &v[r as usize * head_dim..(r as usize + 1) * head_dim];
+                for (oj, &vj) in o.iter_mut().zip(vr) {
+                    *oj += wi / total * f(vj);
+                }
+            }
+        }
+    }
+    (out, lse)
+}

@@ -20,8 +20,11 @@ fn opening_a_gpu_store_returns_an_error_not_a_panic() {
 
 #[cfg(feature = "gpu-tests")]
 mod on_gpu {
-    use super::common::{SegSpec, append_scenario, build_layout, seg_spec};
+    use super::common::{
+        AttnSeg, SegSpec, append_scenario, attention_scenario, attn_layout, attn_seg, build_layout, seg_spec,
+    };
     use half::{bf16, f16};
+    use headwise::AttentionOptions;
     use headwise::{GpuStore, Store};
     use proptest::prelude::*;
 
@@ -95,5 +98,56 @@ mod on_gpu {
                 store.stream().upgrade_device_ptr::<bf16>(vp, elems),
             )
         });
+    }
+
+    #[test]
+    fn attention_matches_reference_on_gpu() {
+        let store = store();
+        let segs = [
+            AttnSeg::Full { len: 0 },
+            AttnSeg::Full { len: 1 },
+            AttnSeg::Streaming { sink: 3, window: 9, fill: 12, ring_head: 5 },
+            AttnSeg::Full { len: 5000 },
+            AttnSeg::Streaming { sink: 16, window: 64, fill: 30, ring_head: 0 },
+            AttnSeg::Full { len: 300 },
+        ];
+        let layout = attn_layout(2, 3, &segs);
+        for head_dim in [64, 128, 256] {
+            for group in [1, 2, 3, 4, 5, 7, 8, 16] {
+                let seed = (head_dim * 100 + group) as u64;
+                for opts in [
+                    AttentionOptions::default(),
+                    AttentionOptions { chunk_tokens: Some(37), scale: Some(0.05) },
+                ] {
+                    attention_scenario::<_, f16>(&store, layout.clone(), head_dim, group, opts, true, seed);
+                    attention_scenario::<_, bf16>(
+                        &store,
+                        layout.clone(),
+                        head_dim,
+                        group,
+                        opts,
+                        false,
+                        seed + 1,
+                    );
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn attention_random_layouts_on_gpu(
+            (batch, kv_heads, segs) in (1usize..5, 1usize..9).prop_flat_map(|(b, h)| {
+                (Just(b), Just(h), proptest::collection::vec(attn_seg(3000), b * h))
+            }),
+            head_dim in prop::sample::select(vec![64usize, 128, 256]),
+            group in 1usize..17,
+            chunk in prop::option::of(1u32..600),
+            seed in any::<u64>(),
+        ) {
+            let opts = AttentionOptions { chunk_tokens: chunk, scale: None };
+            attention_scenario::<_, bf16>(&store(), attn_layout(batch, kv_heads, &segs), head_dim, group, opts, true, seed);
+        }
     }
 }

@@ -170,3 +170,126 @@ pub fn append_scenario<S: Store, T: KvElem>(
         }
     }
 }
+
+/// A segment of a random attention layout: Full with `len` tokens, or Streaming with a ring
+/// either filling or full (and then rotated by `ring_head`).
+#[derive(Clone, Debug)]
+pub enum AttnSeg {
+    Full { len: u32 },
+    Streaming { sink: u32, window: u32, fill: u32, ring_head: u32 },
+}
+
+pub fn attn_seg(max_len: u32) -> impl Strategy<Value = AttnSeg> {
+    prop_oneof![
+        prop_oneof![Just(0u32), Just(1), 0..max_len].prop_map(|len| AttnSeg::Full { len }),
+        (0u32..5, 1u32..40, 0u32..60, 0u32..40).prop_map(|(sink, window, fill, rh)| AttnSeg::Streaming {
+            sink,
+            window,
+            fill,
+            ring_head: rh % window
+        }),
+    ]
+}
+
+pub fn attn_layout(batch: usize, kv_heads: usize, segs: &[AttnSeg]) -> LayerLayout {
+    let mut off = 0u32;
+    let mut out = Vec::new();
+    for (i, s) in segs.iter().enumerate() {
+        off += (i % 3) as u32; // gaps between segments
+        let seg = match *s {
+            AttnSeg::Full { len } => Segment::full(off, len + 2, len),
+            AttnSeg::Streaming { sink, window, fill, ring_head } => {
+                let mut g = Segment::streaming(off, sink, window);
+                g.len = fill.min(g.capacity);
+                g.ring_head = if g.len == g.capacity { ring_head } else { 0 };
+                g
+            }
+        };
+        off += seg.capacity;
+        out.push(seg);
+    }
+    LayerLayout::new(batch, kv_heads, u64::from(off), out).unwrap()
+}
+
+/// Values in [-amp, amp] (a few rows get a larger spike so softmax is not flat).
+pub fn values<T: KvElem>(seed: u64, n: usize, amp: f32) -> Vec<T> {
+    let mut x = seed.wrapping_mul(0x2545F4914F6CDD1D) | 1;
+    (0..n)
+        .map(|i| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let u = (x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+            let spike = if (x >> 8).is_multiple_of(97) { 4.0 } else { 1.0 };
+            T::from_f32(u * amp * spike * if i % 7 == 0 { 1.5 } else { 1.0 })
+        })
+        .collect()
+}
+
+/// Runs attention through `store` and compares with the f64 reference: per query head, the
+/// relative L2 error of the output below `tol` (SPEC section 7: 1e-3 for f16, 1e-2 for bf16),
+/// LSE within 1e-3, empty segments exactly zero with LSE -inf. Outputs are poisoned with NaN
+/// first, so an element the kernel failed to write shows up.
+pub fn attention_scenario<S: Store, T: KvElem>(
+    store: &S,
+    layout: LayerLayout,
+    head_dim: usize,
+    group: usize,
+    opts: headwise::AttentionOptions,
+    with_lse: bool,
+    seed: u64,
+) {
+    let rows = layout.total_rows();
+    let n = layout.segments().len();
+    let heads = n * group;
+    let amp = 1.0 + (seed % 3) as f32;
+    let k = values::<T>(seed ^ 11, rows * head_dim, amp);
+    let v = values::<T>(seed ^ 22, rows * head_dim, 1.0);
+    let q = values::<T>(seed ^ 33, heads * head_dim, amp);
+    let cache = LayerCache::<S, T>::from_parts(
+        store,
+        layout.clone(),
+        head_dim,
+        store.upload(&k).unwrap(),
+        store.upload(&v).unwrap(),
+    )
+    .unwrap();
+    let nan = bytemuck::cast::<u16, T>(if T::DTYPE == headwise::DType::F16 { 0x7e00 } else { 0x7fc0 });
+    let mut out = store.upload(&vec![nan; heads * head_dim]).unwrap();
+    let mut lse = store.upload(&vec![f32::NAN; heads]).unwrap();
+    let dq = store.upload(&q).unwrap();
+    let mut ws = headwise::AttentionWorkspace::new();
+    cache.attention(&dq, group, &mut out, with_lse.then_some(&mut lse), &mut ws, &opts).unwrap();
+
+    let scale = f64::from(opts.scale.unwrap_or(1.0 / (head_dim as f32).sqrt()));
+    let (want, want_lse) = reference::attention(&layout, head_dim, &k, &v, &q, group, scale);
+    let got: Vec<f64> = store.download(&out).unwrap().iter().map(|x| f64::from(x.to_f32())).collect();
+    let got_lse = store.download(&lse).unwrap();
+    let tol = if T::DTYPE == headwise::DType::F16 { 1e-3 } else { 1e-2 };
+    for h in 0..heads {
+        let seg = layout.segments()[h / group];
+        let (o, r) = (&got[h * head_dim..(h + 1) * head_dim], &want[h * head_dim..(h + 1) * head_dim]);
+        if seg.len == 0 {
+            assert!(o.iter().all(|&x| x == 0.0), "head {h}: empty segment must give zeros, got {o:?}");
+        } else {
+            let err: f64 = o.iter().zip(r).map(|(a, b)| (a - b) * (a - b)).sum::<f64>().sqrt();
+            let norm: f64 = r.iter().map(|b| b * b).sum::<f64>().sqrt();
+            assert!(
+                err <= tol * norm.max(1e-3),
+                "head {h} (segment {:?}): relative L2 error {:.3e} > {tol:e}",
+                seg,
+                err / norm
+            );
+        }
+        if with_lse {
+            let (a, b) = (f64::from(got_lse[h]), want_lse[h]);
+            if b == f64::NEG_INFINITY {
+                assert_eq!(a, b, "head {h}: LSE of an empty segment");
+            } else {
+                assert!((a - b).abs() <= 1e-3 * b.abs().max(1.0), "head {h}: LSE {a} vs reference {b}");
+            }
+        } else {
+            assert!(got_lse[h].is_nan(), "LSE written although not requested");
+        }
+    }
+}

@@ -1,0 +1,269 @@
+// Decode attention over a layer's ragged segments, Full and Streaming mixed in one launch
+// (SPEC section 5).
+//
+// Grid (num_segments, max_splits), 128 threads. A block serves the G query heads of one KV head
+// over one chunk of that segment's tokens, so each K/V row is read once for the whole group.
+// Inside a block a row is split over D/8 threads (16-byte loads); a warp covers 32/(D/8) rows per
+// step and the four warps take consecutive rows. Every thread keeps a base-2 online-softmax state
+// per query head for its 8-element slice; states merge across the rows of a warp with shuffles,
+// then across warps through shared memory. A segment that fits one chunk writes its output here;
+// a longer one writes a normalized partial output and LSE per chunk, and the merge kernel
+// combines them (flash-decoding). Rows are addressed only through SegmentView, so Streaming
+// rings are read in place; attention does not care about their order.
+#include "compat.cuh"
+#include "dtype.cuh"
+#include "params.h"
+#include "segment.cuh"
+#include "vec.cuh"
+
+namespace hw {
+
+constexpr int kAttnWarps = 4;
+constexpr int kAttnThreads = 32 * kAttnWarps;
+constexpr float kLn2 = 0.693147180559945309f;
+
+// Folds state (m2, d2, acc2) into (m, d, acc). Base-2 logits; an empty state has m = -inf.
+__device__ __forceinline__ void merge_state(float& m, float& d, float (&acc)[8], float m2, float d2,
+                                            const float (&acc2)[8]) {
+    const float mn = fmaxf(m, m2);
+    if (mn == -INFINITY) return;  // both empty (exp2(-inf - -inf) would be NaN)
+    const float c1 = exp2f(m - mn);
+    const float c2 = exp2f(m2 - mn);
+    d = d * c1 + d2 * c2;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc[j] = acc[j] * c1 + acc2[j] * c2;
+    m = mn;
+}
+
+__device__ __forceinline__ int num_splits(int32_t len, int32_t chunk) {
+    return len == 0 ? 1 : int((int64_t(len) + chunk - 1) / chunk);  // int64: len + chunk overflows
+}
+
+// 1/d, except that an empty state (d == 0) gives 0 rather than inf; NaN passes through so a
+// NaN in a head's inputs shows in that head's output.
+__device__ __forceinline__ float safe_inv(float d) { return d == 0.0f ? 0.0f : 1.0f / d; }
+
+template <typename T, int D, int GMAX>
+__device__ void attention_body(const HwAttentionParams& p) {
+    constexpr int TPR = D / kElemsPerVec;  // threads per row
+    constexpr int RPW = 32 / TPR;          // rows per warp per step
+    constexpr int ROWS_PER_STEP = RPW * kAttnWarps;
+    __shared__ float q_s[GMAX * D];
+    __shared__ float warp_m[kAttnWarps];
+    __shared__ float warp_d[kAttnWarps];
+    __shared__ float warp_acc[kAttnWarps * D];
+
+    const int32_t s = blockIdx.x;
+    const int split = blockIdx.y;
+    const int G = p.group_size;
+    const SegmentView seg = SegmentView::load(p.seg, s);
+    const int n_splits = num_splits(seg.len, p.chunk_tokens);
+    if (split >= n_splits) return;  // the whole block leaves together, before any barrier
+    // split * chunk < len for every launched split; the end needs int64 near the int32 limit.
+    const int32_t begin = split * p.chunk_tokens;
+    const int32_t end = int32_t(min(int64_t(seg.len), int64_t(begin) + p.chunk_tokens));
+
+    const int tid = threadIdx.x;
+    const int warp = tid / 32;
+    const int lane = tid % 32;
+    const int sub = lane / TPR;  // row of this thread within its warp's step
+    const int col = lane % TPR;  // 8-element slice of the row
+
+    // The group's queries are consecutive rows s*G .. s*G+G-1 of q.
+    const uint4* qv = row_vec(p.q, int64_t(s) * G, D);
+    for (int i = tid; i < G * TPR; i += kAttnThreads) {
+        float f[8];
+        unpack8<T>(qv[i], f);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) q_s[i * 8 + j] = f[j];
+    }
+    __syncthreads();
+
+    float m[GMAX], d[GMAX], acc[GMAX][8];
+#pragma unroll
+    for (int g = 0; g < GMAX; ++g) {
+        m[g] = -INFINITY;
+        d[g] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[g][j] = 0.0f;
+    }
+
+    for (int64_t base = begin; base < end; base += ROWS_PER_STEP) {
+        const int32_t t = int32_t(min(base + warp * RPW + sub, int64_t(end)));
+        const bool valid = t < end;
+        float k[8], v[8];
+        if (valid) {
+            const int64_t row = seg.row(t);
+            unpack8<T>(row_vec(p.k_cache, row, D)[col], k);
+            unpack8<T>(row_vec(p.v_cache, row, D)[col], v);
+        }
+#pragma unroll
+        for (int g = 0; g < GMAX; ++g) {
+            if (g >= G) break;  // uniform over the block
+            float part = 0.0f;
+            if (valid) {
+#pragma unroll
+                for (int j = 0; j < 8; ++j) part += q_s[g * D + col * 8 + j] * k[j];
+            }
+            // Sum the row's TPR slices; all 32 lanes take part (TPR-lane groups are aligned).
+#pragma unroll
+            for (int off = TPR / 2; off > 0; off /= 2) part += __shfl_xor_sync(0xffffffffu, part, off);
+            if (valid) {
+                const float x = part * p.scale_log2;
+                const float mn = fmaxf(m[g], x);
+                const float c = exp2f(m[g] - mn);
+                const float e = exp2f(x - mn);
+                d[g] = d[g] * c + e;
+#pragma unroll
+                for (int j = 0; j < 8; ++j) acc[g][j] = acc[g][j] * c + e * v[j];
+                m[g] = mn;
+            }
+        }
+    }
+
+    // Merge the RPW row groups of each warp: lanes with the same slice differ by multiples of TPR.
+#pragma unroll
+    for (int off = TPR; off < 32; off *= 2) {
+#pragma unroll
+        for (int g = 0; g < GMAX; ++g) {
+            if (g >= G) break;
+            const float m2 = __shfl_xor_sync(0xffffffffu, m[g], off);
+            const float d2 = __shfl_xor_sync(0xffffffffu, d[g], off);
+            float a2[8];
+#pragma unroll
+            for (int j = 0; j < 8; ++j) a2[j] = __shfl_xor_sync(0xffffffffu, acc[g][j], off);
+            merge_state(m[g], d[g], acc[g], m2, d2, a2);
+        }
+    }
+
+    // Merge across warps one head at a time (keeps shared memory at 4 rows), then write.
+    for (int g = 0; g < G; ++g) {
+        float mg = -INFINITY, dg = 0.0f, ag[8];
+#pragma unroll
+        for (int gg = 0; gg < GMAX; ++gg) {
+            if (gg == g) {
+                mg = m[gg];
+                dg = d[gg];
+#pragma unroll
+                for (int j = 0; j < 8; ++j) ag[j] = acc[gg][j];
+            }
+        }
+        if (sub == 0) {
+            if (col == 0) {
+                warp_m[warp] = mg;
+                warp_d[warp] = dg;
+            }
+#pragma unroll
+            for (int j = 0; j < 8; ++j) warp_acc[warp * D + col * 8 + j] = ag[j];
+        }
+        __syncthreads();
+        if (warp == 0 && sub == 0) {
+            float M = warp_m[0], Dn = warp_d[0], A[8];
+#pragma unroll
+            for (int j = 0; j < 8; ++j) A[j] = warp_acc[col * 8 + j];
+            for (int w = 1; w < kAttnWarps; ++w) {
+                float A2[8];
+#pragma unroll
+                for (int j = 0; j < 8; ++j) A2[j] = warp_acc[w * D + col * 8 + j];
+                merge_state(M, Dn, A, warp_m[w], warp_d[w], A2);
+            }
+            const float inv = safe_inv(Dn);
+            float o[8];
+#pragma unroll
+            for (int j = 0; j < 8; ++j) o[j] = A[j] * inv;
+            const int64_t qh = int64_t(s) * G + g;
+            const float lse2 = M == -INFINITY ? -INFINITY : M + log2f(Dn);
+            if (n_splits == 1) {
+                row_vec(p.out, qh, D)[col] = pack8<T>(o);
+                if (p.lse != nullptr && col == 0) p.lse[qh] = lse2 * kLn2;
+            } else {
+                float* po = p.partial_out + (qh * p.max_splits + split) * D + col * 8;
+#pragma unroll
+                for (int j = 0; j < 8; ++j) po[j] = o[j];
+                if (col == 0) p.partial_lse[qh * p.max_splits + split] = lse2;
+            }
+        }
+        __syncthreads();  // warp_* are reused for the next head
+    }
+}
+
+// One warp per query head of a split segment: weights each chunk's normalized output by
+// 2^(lse_c - max lse) and renormalizes.
+template <typename T, int D>
+__device__ void attention_merge_body(const HwAttentionParams& p) {
+    constexpr int TPR = D / kElemsPerVec;
+    const int warp = threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    const int64_t qh = int64_t(blockIdx.x) * kAttnWarps + warp;
+    if (qh >= int64_t(p.seg.num_segments) * p.group_size || lane >= TPR) return;  // no barriers here
+    const int32_t s = int32_t(qh / p.group_size);
+    const int n_splits = num_splits(p.seg.len[s], p.chunk_tokens);
+    if (n_splits <= 1) return;  // written directly by the attention kernel
+    const float* lse = p.partial_lse + qh * p.max_splits;
+    float M = -INFINITY;
+    for (int c = 0; c < n_splits; ++c) M = fmaxf(M, lse[c]);
+    float W = 0.0f, o[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int c = 0; c < n_splits; ++c) {
+        const float w = lse[c] == -INFINITY ? 0.0f : exp2f(lse[c] - M);
+        W += w;
+        const float* po = p.partial_out + (qh * p.max_splits + c) * D + lane * 8;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) o[j] += w * po[j];
+    }
+    const float inv = safe_inv(W);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) o[j] *= inv;
+    row_vec(p.out, qh, D)[lane] = pack8<T>(o);
+    if (p.lse != nullptr && lane == 0) p.lse[qh] = M == -INFINITY ? -INFINITY : (M + log2f(W)) * kLn2;
+}
+
+}  // namespace hw
+
+// Instantiation list: dtype x head_dim x group-size bucket (a launch with group size G uses the
+// smallest bucket >= G; the kernel loops to the runtime G).
+#define HW_ATTENTION_KERNELS(X)                                 \
+    X(hw_attention_f16_d64_g1, __half, 64, 1)                   \
+    X(hw_attention_f16_d64_g2, __half, 64, 2)                   \
+    X(hw_attention_f16_d64_g4, __half, 64, 4)                   \
+    X(hw_attention_f16_d64_g8, __half, 64, 8)                   \
+    X(hw_attention_f16_d64_g16, __half, 64, 16)                 \
+    X(hw_attention_f16_d128_g1, __half, 128, 1)                 \
+    X(hw_attention_f16_d128_g2, __half, 128, 2)                 \
+    X(hw_attention_f16_d128_g4, __half, 128, 4)                 \
+    X(hw_attention_f16_d128_g8, __half, 128, 8)                 \
+    X(hw_attention_f16_d128_g16, __half, 128, 16)               \
+    X(hw_attention_f16_d256_g1, __half, 256, 1)                 \
+    X(hw_attention_f16_d256_g2, __half, 256, 2)                 \
+    X(hw_attention_f16_d256_g4, __half, 256, 4)                 \
+    X(hw_attention_f16_d256_g8, __half, 256, 8)                 \
+    X(hw_attention_f16_d256_g16, __half, 256, 16)               \
+    X(hw_attention_bf16_d64_g1, __nv_bfloat16, 64, 1)           \
+    X(hw_attention_bf16_d64_g2, __nv_bfloat16, 64, 2)           \
+    X(hw_attention_bf16_d64_g4, __nv_bfloat16, 64, 4)           \
+    X(hw_attention_bf16_d64_g8, __nv_bfloat16, 64, 8)           \
+    X(hw_attention_bf16_d64_g16, __nv_bfloat16, 64, 16)         \
+    X(hw_attention_bf16_d128_g1, __nv_bfloat16, 128, 1)         \
+    X(hw_attention_bf16_d128_g2, __nv_bfloat16, 128, 2)         \
+    X(hw_attention_bf16_d128_g4, __nv_bfloat16, 128, 4)         \
+    X(hw_attention_bf16_d128_g8, __nv_bfloat16, 128, 8)         \
+    X(hw_attention_bf16_d128_g16, __nv_bfloat16, 128, 16)       \
+    X(hw_attention_bf16_d256_g1, __nv_bfloat16, 256, 1)         \
+    X(hw_attention_bf16_d256_g2, __nv_bfloat16, 256, 2)         \
+    X(hw_attention_bf16_d256_g4, __nv_bfloat16, 256, 4)         \
+    X(hw_attention_bf16_d256_g8, __nv_bfloat16, 256, 8)         \
+    X(hw_attention_bf16_d256_g16, __nv_bfloat16, 256, 16)
+
+#define HW_ATTENTION_MERGE_KERNELS(X)                     \
+    X(hw_attention_merge_f16_d64, __half, 64)             \
+    X(hw_attention_merge_f16_d128, __half, 128)           \
+    X(hw_attention_merge_f16_d256, __half, 256)           \
+    X(hw_attention_merge_bf16_d64, __nv_bfloat16, 64)     \
+    X(hw_attention_merge_bf16_d128, __nv_bfloat16, 128)   \
+    X(hw_attention_merge_bf16_d256, __nv_bfloat16, 256)
+
+#define HW_ATTENTION_ENTRY(name, T, D, G) \
+    HW_KERNEL_ENTRY_BOUNDED(name, HwAttentionParams, hw::kAttnThreads, (hw::attention_body<T, D, G>(p)))
+#define HW_ATTENTION_MERGE_ENTRY(name, T, D) \
+    HW_KERNEL_ENTRY_BOUNDED(name, HwAttentionParams, hw::kAttnThreads, (hw::attention_merge_body<T, D>(p)))
+HW_ATTENTION_KERNELS(HW_ATTENTION_ENTRY)
+HW_ATTENTION_MERGE_KERNELS(HW_ATTENTION_MERGE_ENTRY)

@@ -1,0 +1,40 @@
+// f16/bf16 <-> f32 for whole 16-byte vectors. Kernels are templated on the element type and go
+// through these, so one kernel body serves both dtypes.
+#pragma once
+#include "compat.cuh"
+
+namespace hw {
+
+template <typename T>
+struct Kv;
+
+template <>
+struct Kv<__half> {
+    __device__ __forceinline__ static float to_float(__half x) { return __half2float(x); }
+    __device__ __forceinline__ static __half from_float(float x) { return __float2half_rn(x); }
+};
+
+template <>
+struct Kv<__nv_bfloat16> {
+    __device__ __forceinline__ static float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+    __device__ __forceinline__ static __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
+};
+
+// 8 elements of one uint4 to f32.
+template <typename T>
+__device__ __forceinline__ void unpack8(const uint4& v, float (&out)[8]) {
+    const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) out[i] = Kv<T>::to_float(e[i]);
+}
+
+template <typename T>
+__device__ __forceinline__ uint4 pack8(const float (&in)[8]) {
+    uint4 v;
+    T* e = reinterpret_cast<T*>(&v);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) e[i] = Kv<T>::from_float(in[i]);
+    return v;
+}
+
+}  // namespace hw

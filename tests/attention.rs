@@ -1,0 +1,214 @@
+//! Decode attention through the emulator against the f64 reference (see
+//! common::attention_scenario for what is checked).
+
+mod common;
+
+use common::{AttnSeg, attention_scenario, attn_layout, attn_seg};
+use half::{bf16, f16};
+use headwise::attention::{AttentionPlan, MIN_CHUNK, plan};
+use headwise::layout::{LayerLayout, Segment};
+use headwise::{AttentionOptions, AttentionWorkspace, EmuStore, Error, LayerCache, LayoutBuilder, Store};
+use proptest::prelude::*;
+
+fn cases() -> u32 {
+    if std::env::var_os("HEADWISE_BIG_SWEEPS").is_some() { 96 } else { 12 }
+}
+
+fn layout_strategy(max_len: u32) -> impl Strategy<Value = (usize, usize, Vec<AttnSeg>)> {
+    (1usize..3, 1usize..4)
+        .prop_flat_map(move |(b, h)| (Just(b), Just(h), proptest::collection::vec(attn_seg(max_len), b * h)))
+}
+
+fn opts_strategy() -> impl Strategy<Value = AttentionOptions> {
+    (prop::option::of(1u32..48), prop::option::of(0.02f32..0.3))
+        .prop_map(|(chunk_tokens, scale)| AttentionOptions { scale, chunk_tokens })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(cases()))]
+
+    #[test]
+    fn emulator_matches_reference_f16(
+        (batch, kv_heads, segs) in layout_strategy(200),
+        head_dim in prop::sample::select(vec![64usize, 128, 256]),
+        group in prop::sample::select(vec![1usize, 2, 4, 5, 7, 8, 16]),
+        opts in opts_strategy(),
+        with_lse in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        attention_scenario::<_, f16>(&EmuStore, attn_layout(batch, kv_heads, &segs), head_dim, group, opts, with_lse, seed);
+    }
+
+    #[test]
+    fn emulator_matches_reference_bf16(
+        (batch, kv_heads, segs) in layout_strategy(200),
+        head_dim in prop::sample::select(vec![64usize, 128, 256]),
+        group in prop::sample::select(vec![1usize, 2, 3, 4, 5, 7, 8, 16]),
+        opts in opts_strategy(),
+        with_lse in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        attention_scenario::<_, bf16>(&EmuStore, attn_layout(batch, kv_heads, &segs), head_dim, group, opts, with_lse, seed);
+    }
+}
+
+/// Every head_dim x dtype x the group sizes, on one mixed layout that has an empty
+/// segment, a one-token one, a wrapped ring and a segment split by the planner.
+#[test]
+fn every_head_dim_dtype_and_group() {
+    let segs = [
+        AttnSeg::Full { len: 0 },
+        AttnSeg::Full { len: 1 },
+        AttnSeg::Streaming { sink: 3, window: 9, fill: 12, ring_head: 5 },
+        AttnSeg::Full { len: 700 },
+    ];
+    let layout = attn_layout(2, 2, &segs);
+    assert!(plan(&layout, 132).max_splits > 1, "the 700-token segment must be split");
+    for head_dim in [64, 128, 256] {
+        for group in [1, 2, 4, 5, 7, 8, 16] {
+            let seed = (head_dim * 100 + group) as u64;
+            attention_scenario::<_, f16>(
+                &EmuStore,
+                layout.clone(),
+                head_dim,
+                group,
+                AttentionOptions::default(),
+                true,
+                seed,
+            );
+            attention_scenario::<_, bf16>(
+                &EmuStore,
+                layout.clone(),
+                head_dim,
+                group,
+                AttentionOptions::default(),
+                true,
+                seed,
+            );
+        }
+    }
+}
+
+#[test]
+fn split_boundaries() {
+    // len exactly a multiple of the chunk, one more, one less; chunk of 1 token.
+    for (len, chunk) in [(64, 16), (65, 16), (63, 16), (5, 1), (16, 16), (17, 16)] {
+        let layout = attn_layout(1, 1, &[AttnSeg::Full { len }]);
+        let opts = AttentionOptions { chunk_tokens: Some(chunk), scale: None };
+        attention_scenario::<_, bf16>(&EmuStore, layout, 128, 4, opts, true, u64::from(len * chunk));
+    }
+}
+
+#[test]
+fn planner_follows_flashinfer_rule() {
+    let one = |len| LayerLayout::new(1, 1, u64::from(len), vec![Segment::full(0, len, len)]).unwrap();
+    assert_eq!(plan(&one(100), 132), AttentionPlan { chunk_tokens: 100, max_splits: 1 }, "short: no split");
+    let p = plan(&one(128 * 1024), 132);
+    assert!(p.chunk_tokens >= MIN_CHUNK && p.max_splits > 1 && p.max_splits as usize <= 132 * 4, "{p:?}");
+    // Enough segments to fill the GPU: no split, however long.
+    let mut b = LayoutBuilder::new(66, 8);
+    for s in 0..66 {
+        for h in 0..8 {
+            b = b.full(s, h, 4096);
+        }
+    }
+    assert_eq!(plan(&b.build().unwrap(), 132).max_splits, 1);
+}
+
+#[test]
+fn bad_inputs_are_errors_before_launch() {
+    let layout = LayoutBuilder::new(1, 2).full(0, 0, 3).full(0, 1, 0).headroom(1).build().unwrap();
+    let cache = LayerCache::<_, f16>::new(&EmuStore, layout, 64).unwrap();
+    let q = EmuStore.zeros::<f16>(2 * 4 * 64).unwrap();
+    let mut out = EmuStore.zeros::<f16>(2 * 4 * 64).unwrap();
+    let mut ws = AttentionWorkspace::new();
+    let o = AttentionOptions::default();
+    let field = |e: Error| match e {
+        Error::Invalid { field, .. } => field,
+        e => panic!("{e}"),
+    };
+    for g in [0, 17] {
+        assert_eq!(field(cache.attention(&q, g, &mut out, None, &mut ws, &o).unwrap_err()), "group_size");
+    }
+    assert_eq!(field(cache.attention(&q, 2, &mut out, None, &mut ws, &o).unwrap_err()), "q");
+    let mut short = EmuStore.zeros::<f16>(2 * 4 * 64 - 1).unwrap();
+    assert_eq!(field(cache.attention(&q, 4, &mut short, None, &mut ws, &o).unwrap_err()), "out");
+    let mut lse = EmuStore.zeros::<f32>(7).unwrap();
+    assert_eq!(field(cache.attention(&q, 4, &mut out, Some(&mut lse), &mut ws, &o).unwrap_err()), "lse");
+    for scale in [f32::NAN, f32::INFINITY, 0.0] {
+        let o = AttentionOptions { scale: Some(scale), chunk_tokens: None };
+        assert_eq!(field(cache.attention(&q, 4, &mut out, None, &mut ws, &o).unwrap_err()), "scale");
+    }
+    for chunk in [0, i32::MAX as u32 + 1, u32::MAX] {
+        let o = AttentionOptions { scale: None, chunk_tokens: Some(chunk) };
+        assert_eq!(field(cache.attention(&q, 4, &mut out, None, &mut ws, &o).unwrap_err()), "chunk_tokens");
+    }
+    // The largest chunk is fine (one split).
+    let o = AttentionOptions { scale: None, chunk_tokens: Some(i32::MAX as u32) };
+    cache.attention(&q, 4, &mut out, None, &mut ws, &o).unwrap();
+}
+
+/// A NaN in one segment's K (or V) row makes exactly the query heads of that group NaN, whether
+/// the segment is split or not; every other head matches the reference.
+#[test]
+fn nan_poisons_only_the_heads_that_read_it() {
+    let d = 64;
+    let group = 2;
+    let layout = common::attn_layout(
+        1,
+        3,
+        &[AttnSeg::Full { len: 40 }, AttnSeg::Full { len: 40 }, AttnSeg::Full { len: 5 }],
+    );
+    for (chunk, poison_v) in [(None, false), (Some(7), false), (None, true), (Some(7), true)] {
+        let rows = layout.total_rows();
+        let mut k = common::values::<f16>(1, rows * d, 1.0);
+        let mut v = common::values::<f16>(2, rows * d, 1.0);
+        let q = common::values::<f16>(3, 3 * group * d, 1.0);
+        let bad_row = layout.segments()[1].row(17) as usize;
+        let target = if poison_v { &mut v } else { &mut k };
+        target[bad_row * d + 5] = f16::NAN;
+        let cache = LayerCache::<_, f16>::from_parts(
+            &EmuStore,
+            layout.clone(),
+            d,
+            EmuStore.upload(&k).unwrap(),
+            EmuStore.upload(&v).unwrap(),
+        )
+        .unwrap();
+        let mut out = EmuStore.zeros::<f16>(3 * group * d).unwrap();
+        let mut lse = EmuStore.zeros::<f32>(3 * group).unwrap();
+        let opts = AttentionOptions { chunk_tokens: chunk, scale: None };
+        cache
+            .attention(
+                &EmuStore.upload(&q).unwrap(),
+                group,
+                &mut out,
+                Some(&mut lse),
+                &mut AttentionWorkspace::new(),
+                &opts,
+            )
+            .unwrap();
+        let (want, _) = headwise::reference::attention(&layout, d, &k, &v, &q, group, 0.125);
+        let out = out.as_slice();
+        for h in 0..3 * group {
+            let o = &out[h * d..(h + 1) * d];
+            if h / group == 1 {
+                assert!(
+                    o.iter().any(|x| x.is_nan()),
+                    "chunk {chunk:?}: head {h} read the NaN row but is finite"
+                );
+                if !poison_v {
+                    assert!(lse.as_slice()[h].is_nan(), "a NaN logit must show in the LSE");
+                }
+            } else {
+                assert!(o.iter().all(|x| x.is_finite()), "chunk {chunk:?}: head {h} never read the NaN row");
+                let err: f64 = o
+                    .iter()
+                    .zip(&want[h * d..(h + 1) * d])
+                    .map(|(a, b)| (f64::from(a.to_f32()) - b).powi(2))
+                    .sum();
+                assert!(err.sqrt() < 1e-2);
+            }
+        }
+    }
+}
