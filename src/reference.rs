@@ -85,3 +85,101 @@ pub fn attention<T: crate::KvElem>(
     }
     (out, lse)
 }
+
+/// Pooling of prefix scores along tokens (SPEC section 3, step 5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pool {
+    /// `max_pool1d`, stride 1, padding `k/2` (padding never wins: it is -inf).
+    Max,
+    /// `avg_pool1d`, stride 1, padding `k/2`, zero padding counted (edge scores divided by `k`).
+    Avg,
+}
+
+/// How the `G` query heads of a group are combined into one KV head's score.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GqaReduce {
+    /// Mean over the group (the default, as AdaKV's GQA mode and kvpress).
+    Mean,
+    /// Max over the group.
+    Max,
+}
+
+/// SnapKV-family prefix scores for one KV head, in f64 (SPEC section 3, steps 1-5).
+///
+/// `k`: the prompt's `q` keys, `[q][head_dim]`; `queries`: the last `window` queries of each of
+/// the group's `G` query heads, `[G][window][head_dim]`. Window query `i` (position
+/// `q - window + i`) sees every prefix key and window keys `0..=i`; softmax over the whole row;
+/// the score of prefix token `j < q - window` is the mean over the window queries, reduced over
+/// the group by `gqa`, then pooled with an odd `kernel`. Returns `q - window` scores.
+pub fn snapkv_scores<T: crate::KvElem>(
+    k: &[T],
+    queries: &[T],
+    head_dim: usize,
+    window: usize,
+    kernel: usize,
+    pool: Pool,
+    gqa: GqaReduce,
+) -> Vec<f64> {
+    let q = k.len() / head_dim;
+    let g = queries.len() / (window * head_dim);
+    let n = q - window;
+    let f = |x: T| f64::from(x.to_f32());
+    let scale = 1.0 / (head_dim as f64).sqrt();
+    let mut per_head = vec![vec![0.0f64; n]; g];
+    for (h, acc) in per_head.iter_mut().enumerate() {
+        for i in 0..window {
+            let qv = &queries[(h * window + i) * head_dim..(h * window + i + 1) * head_dim];
+            let visible = n + i + 1;
+            let logits: Vec<f64> = (0..visible)
+                .map(|t| {
+                    scale
+                        * qv.iter()
+                            .zip(&k[t * head_dim..(t + 1) * head_dim])
+                            .map(|(&a, &b)| f(a) * f(b))
+                            .sum::<f64>()
+                })
+                .collect();
+            let m = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let total: f64 = logits.iter().map(|&l| (l - m).exp()).sum();
+            for (j, a) in acc.iter_mut().enumerate() {
+                *a += (logits[j] - m).exp() / total / window as f64;
+            }
+        }
+    }
+    let reduced: Vec<f64> = (0..n)
+        .map(|j| match gqa {
+            GqaReduce::Mean => per_head.iter().map(|s| s[j]).sum::<f64>() / g as f64,
+            GqaReduce::Max => per_head.iter().map(|s| s[j]).fold(f64::NEG_INFINITY, f64::max),
+        })
+        .collect();
+    let r = kernel / 2;
+    (0..n)
+        .map(|j| {
+            let lo = j.saturating_sub(r);
+            let hi = (j + r).min(n - 1);
+            let vals = reduced[lo..=hi].iter().copied();
+            match pool {
+                Pool::Max => vals.fold(f64::NEG_INFINITY, f64::max),
+                Pool::Avg => vals.sum::<f64>() / kernel as f64,
+            }
+        })
+        .collect()
+}
+
+/// The positions a segment keeps (SPEC section 3, step 6): the `budget - window` best-scored
+/// prefix tokens (ties: the lower position wins) and the `window` window tokens, in position
+/// order. A budget of at least `q = scores.len() + window` keeps all `q`. NaN scores rank below
+/// every number (a NaN token is kept only when the budget leaves no better choice).
+pub fn select_positions(scores: &[f64], window: usize, budget: usize) -> Vec<usize> {
+    let n = scores.len();
+    if budget >= n + window {
+        return (0..n + window).collect();
+    }
+    let key = |x: f64| if x.is_nan() { f64::NEG_INFINITY } else { x };
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| key(scores[b]).total_cmp(&key(scores[a])).then(a.cmp(&b)));
+    let mut kept: Vec<usize> = order[..budget.saturating_sub(window).min(n)].to_vec();
+    kept.sort_unstable();
+    kept.extend(n..n + window);
+    kept
+}
