@@ -3,9 +3,11 @@
 //! each launch must move and, beside criterion's time, the AdaKV-style alternative's bytes (a
 //! full-cache copy per step) for scale. Without a GPU it says so and measures nothing.
 
+mod support;
+
 use criterion::{Criterion, criterion_group, criterion_main};
 use half::bf16;
-use headwise::{GpuStore, LayerCache, LayoutBuilder, Store};
+use headwise::{LayerCache, LayoutBuilder, Store};
 use std::time::{Duration, Instant};
 
 const KV_HEADS: usize = 8;
@@ -15,13 +17,7 @@ const CONTEXT: u32 = 32 * 1024;
 const HEADROOM: u32 = 1024;
 
 fn bench(c: &mut Criterion) {
-    let store = match GpuStore::new(0) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("append bench: NOT RUN: {e}");
-            return;
-        }
-    };
+    let Some(store) = support::gpu_or_not_run("append") else { return };
     let mut group = c.benchmark_group("append");
     group.measurement_time(Duration::from_secs(3));
     for batch in [1usize, 8, 64] {

@@ -9,7 +9,7 @@ mod support;
 use criterion::{Criterion, criterion_group, criterion_main};
 use half::bf16;
 use headwise::policy::heads::StreamingSize;
-use headwise::{AttentionOptions, AttentionWorkspace, GpuBuf, GpuStore, LayerCache, LayoutBuilder, Store};
+use headwise::{AttentionOptions, AttentionWorkspace, GpuBuf, LayerCache, LayoutBuilder, Store};
 use std::time::{Duration, Instant};
 
 const KV_HEADS: usize = 8;
@@ -17,13 +17,7 @@ const GROUP: usize = 4;
 const HEAD_DIM: usize = 128;
 
 fn bench(c: &mut Criterion) {
-    let store = match GpuStore::new(0) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("attention bench: NOT RUN: {e}");
-            return;
-        }
-    };
+    let Some(store) = support::gpu_or_not_run("attention") else { return };
     let bw = support::copy_bandwidth(&store);
     eprintln!("device copy bandwidth: {:.0} GB/s (read + write)", bw / 1e9);
     let mut group = c.benchmark_group("attention");

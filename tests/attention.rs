@@ -43,7 +43,7 @@ proptest! {
     fn emulator_matches_reference_bf16(
         (batch, kv_heads, segs) in layout_strategy(200),
         head_dim in prop::sample::select(vec![64usize, 128, 256]),
-        group in prop::sample::select(vec![1usize, 2, 3, 4, 5, 7, 8, 16]),
+        group in prop::sample::select(vec![1usize, 2, 3, 4, 5, 7, 8, 12, 16]),
         opts in opts_strategy(),
         with_lse in any::<bool>(),
         seed in any::<u64>(),
@@ -65,7 +65,7 @@ fn every_head_dim_dtype_and_group() {
     let layout = attn_layout(2, 2, &segs);
     assert!(plan(&layout, 132).max_splits > 1, "the 700-token segment must be split");
     for head_dim in [64, 128, 256] {
-        for group in [1, 2, 4, 5, 7, 8, 16] {
+        for group in [1, 2, 4, 5, 7, 8, 12, 16] {
             let seed = (head_dim * 100 + group) as u64;
             attention_scenario::<_, f16>(
                 &EmuStore,

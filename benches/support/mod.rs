@@ -6,6 +6,11 @@ use cudarc::driver::CudaSlice;
 use headwise::{GpuStore, KvElem};
 use std::time::Instant;
 
+/// Device 0, or None after saying why the bench measures nothing.
+pub fn gpu_or_not_run(bench: &str) -> Option<GpuStore> {
+    GpuStore::new(0).map_err(|e| eprintln!("{bench} bench: NOT RUN: {e}")).ok()
+}
+
 /// Device-to-device copy bandwidth in bytes/s (read + write counted), median of 10 copies of
 /// 1 GiB.
 pub fn copy_bandwidth(store: &GpuStore) -> f64 {

@@ -69,10 +69,7 @@ impl HeadScores {
 
     /// Reads and parses a HeadKV score file.
     pub fn load(path: impl AsRef<Path>) -> Result<HeadScores> {
-        let path = path.as_ref();
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::invalid("head scores path", format!("{}: {e}", path.display())))?;
-        HeadScores::parse_json(&text)
+        HeadScores::parse_json(&super::read_text(path.as_ref(), "head scores path")?)
     }
 
     /// Layers.

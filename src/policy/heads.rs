@@ -82,10 +82,7 @@ impl HeadGates {
 
     /// Reads and parses a gate TSV file.
     pub fn load(path: impl AsRef<Path>) -> Result<HeadGates> {
-        let path = path.as_ref();
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::invalid("gates path", format!("{}: {e}", path.display())))?;
-        HeadGates::parse_tsv(&text)
+        HeadGates::parse_tsv(&super::read_text(path.as_ref(), "gates path")?)
     }
 
     /// Layers (rows).
