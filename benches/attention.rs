@@ -52,11 +52,11 @@ fn bench(c: &mut Criterion) {
             layout.segments().iter().map(|s| headwise::Segment { len: s.capacity, ..*s }).collect();
         layout = headwise::LayerLayout::new(batch, KV_HEADS, layout.total_rows() as u64, segs).unwrap();
         let elems = layout.total_rows() * HEAD_DIM;
-        let k = GpuBuf::Owned(support::filled::<bf16>(&store, elems));
-        let v = GpuBuf::Owned(support::filled::<bf16>(&store, elems));
+        let k = GpuBuf::owned(support::filled::<bf16>(&store, elems));
+        let v = GpuBuf::owned(support::filled::<bf16>(&store, elems));
         let cache = LayerCache::<_, bf16>::from_parts(&store, layout.clone(), HEAD_DIM, k, v).unwrap();
         let heads = batch * KV_HEADS * GROUP;
-        let q = GpuBuf::Owned(support::filled::<bf16>(&store, heads * HEAD_DIM));
+        let q = GpuBuf::owned(support::filled::<bf16>(&store, heads * HEAD_DIM));
         let mut out = store.zeros::<bf16>(heads * HEAD_DIM).unwrap();
         let mut ws = AttentionWorkspace::new();
         let opts = AttentionOptions::default();

@@ -26,7 +26,14 @@ constexpr float kLn2 = 0.693147180559945309f;
 __device__ __forceinline__ void merge_state(float& m, float& d, float (&acc)[8], float m2, float d2,
                                             const float (&acc2)[8]) {
     const float mn = fmaxf(m, m2);
-    if (mn == -INFINITY) return;  // both empty (exp2(-inf - -inf) would be NaN)
+    if (mn == -INFINITY) {
+        // No finite logit on either side (exp2(-inf - -inf) would be NaN). d is 0, or NaN when
+        // a NaN logit was seen: add so that NaN survives.
+        d += d2;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[j] += acc2[j];
+        return;
+    }
     const float c1 = exp2f(m - mn);
     const float c2 = exp2f(m2 - mn);
     d = d * c1 + d2 * c2;
@@ -111,12 +118,19 @@ __device__ void attention_body(const HwAttentionParams& p) {
             if (valid) {
                 const float x = part * p.scale_log2;
                 const float mn = fmaxf(m[g], x);
-                const float c = exp2f(m[g] - mn);
-                const float e = exp2f(x - mn);
-                d[g] = d[g] * c + e;
+                if (isnan(x)) {
+                    // fmaxf drops NaN; poison the sums instead so the head's output and LSE show it.
+                    d[g] = x;
 #pragma unroll
-                for (int j = 0; j < 8; ++j) acc[g][j] = acc[g][j] * c + e * v[j];
-                m[g] = mn;
+                    for (int j = 0; j < 8; ++j) acc[g][j] = x;
+                } else if (mn != -INFINITY) {  // a -inf logit on an empty state adds nothing
+                    const float c = exp2f(m[g] - mn);
+                    const float e = exp2f(x - mn);
+                    d[g] = d[g] * c + e;
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) acc[g][j] = acc[g][j] * c + e * v[j];
+                    m[g] = mn;
+                }
             }
         }
     }
@@ -172,7 +186,8 @@ __device__ void attention_body(const HwAttentionParams& p) {
 #pragma unroll
             for (int j = 0; j < 8; ++j) o[j] = A[j] * inv;
             const int64_t qh = int64_t(s) * G + g;
-            const float lse2 = M == -INFINITY ? -INFINITY : M + log2f(Dn);
+            // Dn is 0 only for an empty state; NaN (a NaN logit) must reach the LSE.
+            const float lse2 = Dn == 0.0f ? -INFINITY : M + log2f(Dn);
             if (n_splits == 1) {
                 row_vec(p.out, qh, D)[col] = pack8<T>(o);
                 if (p.lse != nullptr && col == 0) p.lse[qh] = lse2 * kLn2;
@@ -214,7 +229,7 @@ __device__ void attention_merge_body(const HwAttentionParams& p) {
 #pragma unroll
     for (int j = 0; j < 8; ++j) o[j] *= inv;
     row_vec(p.out, qh, D)[lane] = pack8<T>(o);
-    if (p.lse != nullptr && lane == 0) p.lse[qh] = M == -INFINITY ? -INFINITY : (M + log2f(W)) * kLn2;
+    if (p.lse != nullptr && lane == 0) p.lse[qh] = W == 0.0f ? -INFINITY : (M + log2f(W)) * kLn2;
 }
 
 }  // namespace hw

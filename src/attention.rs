@@ -153,8 +153,15 @@ impl<S: Store, T: KvElem> LayerCache<S, T> {
             return Err(Error::invalid("lse", format!("{} elements, expected {heads}", S::len(l))));
         }
         let scale = opts.scale.unwrap_or(1.0 / (d as f32).sqrt());
-        if !scale.is_finite() || scale == 0.0 {
-            return Err(Error::invalid("scale", format!("{scale} must be finite and nonzero")));
+        // The kernels work in base 2: scale * log2(e) must stay finite too.
+        if !(scale * std::f32::consts::LOG2_E).is_finite() || scale == 0.0 {
+            return Err(Error::invalid(
+                "scale",
+                format!(
+                    "{scale} must be nonzero with |scale| * log2(e) finite (|scale| < {:e})",
+                    f32::MAX / std::f32::consts::LOG2_E
+                ),
+            ));
         }
         let plan = match opts.chunk_tokens {
             Some(c) if c == 0 || c > i32::MAX as u32 => {

@@ -17,20 +17,27 @@ use cudarc::driver::{
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-/// A device buffer: owned by headwise (a `CudaSlice`) or borrowed from an engine.
-pub enum GpuBuf<T: Elem> {
-    /// Memory allocated through cudarc; freed on drop.
+/// A device buffer of `T`: memory headwise allocated (freed on drop), or memory an engine owns
+/// (see [`GpuBuf::borrowed`]). The representation is private so a foreign address can only
+/// enter through that `unsafe` constructor.
+pub struct GpuBuf<T: Elem> {
+    mem: Mem<T>,
+    /// Elements; an owned zero-length buffer still holds one element, since the driver
+    /// refuses empty allocations.
+    len: usize,
+}
+
+enum Mem<T: Elem> {
     Owned(CudaSlice<T>),
-    /// Memory owned by someone else (see [`GpuBuf::borrowed`]).
-    Borrowed {
-        /// Device address.
-        ptr: u64,
-        /// Elements.
-        len: usize,
-    },
+    Borrowed(u64),
 }
 
 impl<T: Elem> GpuBuf<T> {
+    /// Takes ownership of a cudarc allocation (freed when the buffer drops).
+    pub fn owned(slice: CudaSlice<T>) -> GpuBuf<T> {
+        GpuBuf { len: slice.len(), mem: Mem::Owned(slice) }
+    }
+
     /// Wraps `len` elements of device memory at `ptr` that an engine owns.
     ///
     /// # Safety
@@ -39,7 +46,21 @@ impl<T: Elem> GpuBuf<T> {
     /// store runs over it must be ordered with the engine's own use of the memory (pass the
     /// engine's stream to [`GpuStore::from_engine_stream`]). headwise never frees it.
     pub unsafe fn borrowed(ptr: u64, len: usize) -> GpuBuf<T> {
-        GpuBuf::Borrowed { ptr, len }
+        GpuBuf { mem: Mem::Borrowed(ptr), len }
+    }
+
+    /// The cudarc allocation, when headwise owns the memory.
+    pub fn cuda_slice(&self) -> Option<&CudaSlice<T>> {
+        match &self.mem {
+            Mem::Owned(s) => Some(s),
+            Mem::Borrowed(_) => None,
+        }
+    }
+}
+
+impl<T: Elem> From<CudaSlice<T>> for GpuBuf<T> {
+    fn from(slice: CudaSlice<T>) -> Self {
+        GpuBuf::owned(slice)
     }
 }
 
@@ -155,19 +176,26 @@ impl Store for GpuStore {
     type Pins<'a> = Vec<SyncOnDrop<'a>>;
 
     fn upload<T: Elem>(&self, data: &[T]) -> Result<GpuBuf<T>> {
-        Ok(GpuBuf::Owned(self.stream.clone_htod(data)?))
+        if data.is_empty() {
+            return self.zeros(0);
+        }
+        Ok(GpuBuf::owned(self.stream.clone_htod(data)?))
     }
     fn zeros<T: Elem>(&self, n: usize) -> Result<GpuBuf<T>> {
-        Ok(GpuBuf::Owned(self.stream.alloc_zeros::<T>(n)?))
+        let slice = self.stream.alloc_zeros::<T>(n.max(1))?;
+        Ok(GpuBuf { mem: Mem::Owned(slice), len: n })
     }
     fn download<T: Elem>(&self, buf: &GpuBuf<T>) -> Result<Vec<T>> {
-        let mut out = vec![T::zeroed(); Self::len(buf)];
-        match buf {
-            GpuBuf::Owned(s) => self.stream.memcpy_dtoh(s, &mut out)?,
-            GpuBuf::Borrowed { ptr, len } => {
+        let mut out = vec![T::zeroed(); buf.len];
+        if buf.len == 0 {
+            return Ok(out);
+        }
+        match &buf.mem {
+            Mem::Owned(s) => self.stream.memcpy_dtoh(s, &mut out)?,
+            Mem::Borrowed(ptr) => {
                 // SAFETY: the caller of GpuBuf::borrowed vouched for ptr/len; the view is
                 // leaked back (never freed) before it drops.
-                let view = unsafe { self.stream.upgrade_device_ptr::<T>(*ptr, *len) };
+                let view = unsafe { self.stream.upgrade_device_ptr::<T>(*ptr, buf.len) };
                 let r = self.stream.memcpy_dtoh(&view, &mut out);
                 view.leak();
                 r?
@@ -183,11 +211,14 @@ impl Store for GpuStore {
                 format!("{} elements for a buffer of {}", data.len(), Self::len(buf)),
             ));
         }
-        match buf {
-            GpuBuf::Owned(s) => self.stream.memcpy_htod(data, s)?,
-            GpuBuf::Borrowed { ptr, len } => {
+        if data.is_empty() {
+            return Ok(());
+        }
+        match &mut buf.mem {
+            Mem::Owned(s) => self.stream.memcpy_htod(data, s)?,
+            Mem::Borrowed(ptr) => {
                 // SAFETY: as in download.
-                let mut view = unsafe { self.stream.upgrade_device_ptr::<T>(*ptr, *len) };
+                let mut view = unsafe { self.stream.upgrade_device_ptr::<T>(*ptr, data.len()) };
                 let r = self.stream.memcpy_htod(data, &mut view);
                 view.leak();
                 r?
@@ -196,32 +227,29 @@ impl Store for GpuStore {
         Ok(())
     }
     fn len<T: Elem>(buf: &GpuBuf<T>) -> usize {
-        match buf {
-            GpuBuf::Owned(s) => s.len(),
-            GpuBuf::Borrowed { len, .. } => *len,
-        }
+        buf.len
     }
     fn sm_count(&self) -> usize {
         self.sm_count
     }
     fn addr<'a, T: Elem>(&'a self, buf: &'a GpuBuf<T>, pins: &mut Vec<SyncOnDrop<'a>>) -> u64 {
-        match buf {
-            GpuBuf::Owned(s) => {
+        match &buf.mem {
+            Mem::Owned(s) => {
                 let (p, guard) = s.device_ptr(&self.stream);
                 pins.push(guard);
                 p
             }
-            GpuBuf::Borrowed { ptr, .. } => *ptr,
+            Mem::Borrowed(ptr) => *ptr,
         }
     }
     fn addr_mut<'a, T: Elem>(&'a self, buf: &'a mut GpuBuf<T>, pins: &mut Vec<SyncOnDrop<'a>>) -> u64 {
-        match buf {
-            GpuBuf::Owned(s) => {
+        match &mut buf.mem {
+            Mem::Owned(s) => {
                 let (p, guard) = s.device_ptr_mut(&self.stream);
                 pins.push(guard);
                 p
             }
-            GpuBuf::Borrowed { ptr, .. } => *ptr,
+            Mem::Borrowed(ptr) => *ptr,
         }
     }
     unsafe fn launch<P: KernelParams>(&self, name: &'static str, cfg: &HwLaunch, params: &P) -> Result<()> {

@@ -375,7 +375,10 @@ impl LayoutBuilder {
 
     fn set(mut self, b: usize, h: usize, spec: (SegmentMode, u32)) -> Self {
         // An out-of-range key lands past every valid slot (usize::MAX) and fails build().
-        let slot = if b < self.batch && h < self.kv_heads { b * self.kv_heads + h } else { usize::MAX };
+        let slot = match b.checked_mul(self.kv_heads).and_then(|x| x.checked_add(h)) {
+            Some(slot) if b < self.batch && h < self.kv_heads => slot,
+            _ => usize::MAX,
+        };
         self.specs.insert(slot, spec);
         self
     }

@@ -212,3 +212,97 @@ fn nan_poisons_only_the_heads_that_read_it() {
         }
     }
 }
+
+/// A NaN logit reaches the LSE even when it is alone in its chunk or its segment (fmaxf drops
+/// NaN, so the max alone cannot carry it).
+#[test]
+fn a_lone_nan_logit_shows_in_the_lse() {
+    let d = 64;
+    for (len, chunk, nan_at) in [(1u32, None, 0u32), (5, Some(1), 2), (41, Some(40), 40), (41, Some(40), 3)] {
+        let layout = common::attn_layout(1, 1, &[AttnSeg::Full { len }]);
+        let mut k = common::values::<bf16>(5, layout.total_rows() * d, 1.0);
+        let v = common::values::<bf16>(6, layout.total_rows() * d, 1.0);
+        let q = common::values::<bf16>(7, d, 1.0);
+        k[layout.segments()[0].row(nan_at) as usize * d] = bf16::NAN;
+        let cache = LayerCache::<_, bf16>::from_parts(
+            &EmuStore,
+            layout,
+            d,
+            EmuStore.upload(&k).unwrap(),
+            EmuStore.upload(&v).unwrap(),
+        )
+        .unwrap();
+        let mut out = EmuStore.zeros::<bf16>(d).unwrap();
+        let mut lse = EmuStore.zeros::<f32>(1).unwrap();
+        let opts = AttentionOptions { chunk_tokens: chunk, scale: None };
+        cache
+            .attention(
+                &EmuStore.upload(&q).unwrap(),
+                1,
+                &mut out,
+                Some(&mut lse),
+                &mut AttentionWorkspace::new(),
+                &opts,
+            )
+            .unwrap();
+        assert!(lse.as_slice()[0].is_nan(), "len {len} chunk {chunk:?}: LSE {}", lse.as_slice()[0]);
+        assert!(out.as_slice().iter().all(|x| x.is_nan()), "len {len} chunk {chunk:?}");
+    }
+}
+
+/// A logit that overflows to -inf in f32 contributes nothing, wherever it falls; it must not
+/// turn the head NaN (exp2(-inf - -inf)).
+#[test]
+fn a_minus_inf_logit_contributes_nothing() {
+    let d = 64;
+    for (len, row, chunk) in [(2u32, 0u32, None), (2, 1, None), (9, 4, Some(4)), (9, 0, Some(1))] {
+        let layout = common::attn_layout(1, 1, &[AttnSeg::Full { len }]);
+        let mut k = common::values::<bf16>(8, layout.total_rows() * d, 0.001);
+        let v = common::values::<bf16>(9, layout.total_rows() * d, 1.0);
+        let q = vec![bf16::from_f32(1e20); d];
+        let r = layout.segments()[0].row(row) as usize;
+        k[r * d..(r + 1) * d].fill(bf16::from_f32(-1e20)); // q.k = -6.4e41: -inf in f32
+        let cache = LayerCache::<_, bf16>::from_parts(
+            &EmuStore,
+            layout.clone(),
+            d,
+            EmuStore.upload(&k).unwrap(),
+            EmuStore.upload(&v).unwrap(),
+        )
+        .unwrap();
+        let mut out = EmuStore.zeros::<bf16>(d).unwrap();
+        let opts = AttentionOptions { chunk_tokens: chunk, scale: None };
+        cache
+            .attention(
+                &EmuStore.upload(&q).unwrap(),
+                1,
+                &mut out,
+                None,
+                &mut AttentionWorkspace::new(),
+                &opts,
+            )
+            .unwrap();
+        let (want, _) = headwise::reference::attention(&layout, d, &k, &v, &q, 1, 0.125);
+        let err: f64 =
+            out.as_slice().iter().zip(&want).map(|(a, b)| (f64::from(a.to_f32()) - b).powi(2)).sum();
+        let norm: f64 = want.iter().map(|b| b * b).sum();
+        assert!(
+            err.sqrt() <= 1e-2 * norm.sqrt(),
+            "len {len} row {row} chunk {chunk:?}: {:?}",
+            &out.as_slice()[..4]
+        );
+    }
+}
+
+#[test]
+fn a_scale_that_overflows_in_base_2_is_refused() {
+    let layout = LayoutBuilder::new(1, 1).full(0, 0, 2).build().unwrap();
+    let cache = LayerCache::<_, f16>::new(&EmuStore, layout, 64).unwrap();
+    let q = EmuStore.zeros::<f16>(64).unwrap();
+    let mut out = EmuStore.zeros::<f16>(64).unwrap();
+    for scale in [3.0e38f32, -3.0e38] {
+        let o = AttentionOptions { scale: Some(scale), chunk_tokens: None };
+        let e = cache.attention(&q, 1, &mut out, None, &mut AttentionWorkspace::new(), &o).unwrap_err();
+        assert!(matches!(e, Error::Invalid { ref field, .. } if field == "scale"), "{e}");
+    }
+}
