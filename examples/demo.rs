@@ -89,25 +89,19 @@ fn prompt_tokens(seed: u64, prompt: usize) -> HeadTokens {
     HeadTokens { k, v, needles }
 }
 
-/// A layer's caches: the full one and the mixed one, filled with the same prompt.
+/// One layer's cache for `heads` (which KV heads keep everything), filled with the prompt;
+/// also returns how many needle tokens it kept.
 fn build_layer<S: Store>(
     store: &S,
     size: &Size,
-    full_heads: &FullHeads,
+    heads: &FullHeads,
     layer: usize,
     tokens: &[HeadTokens],
-) -> headwise::Result<Caches<S>> {
+) -> headwise::Result<(LayerCache<S, bf16>, usize)> {
     let lens = vec![size.prompt as u32; size.batch];
-    let headroom = size.steps as u32;
-    let full_layout = FullHeads::all_full(full_heads.layers(), KV_HEADS).layer_layout(
-        layer,
-        &lens,
-        headroom,
-        StreamingSize::RLKV,
-    )?;
-    let mixed = full_heads.layer_layout(layer, &lens, headroom, StreamingSize::RLKV)?;
+    let planned = heads.layer_layout(layer, &lens, size.steps as u32, StreamingSize::RLKV)?;
     // Streaming segments hold the prompt's first `sink` and last `window` tokens.
-    let segs: Vec<Segment> = mixed
+    let segs: Vec<Segment> = planned
         .segments()
         .iter()
         .map(|s| match s.mode {
@@ -115,39 +109,32 @@ fn build_layer<S: Store>(
             SegmentMode::Full => *s,
         })
         .collect();
-    let mixed = LayerLayout::new(size.batch, KV_HEADS, mixed.total_rows() as u64, segs)?;
+    let layout = LayerLayout::new(size.batch, KV_HEADS, planned.total_rows() as u64, segs)?;
     let mut retained = 0;
-    let fill = |layout: &LayerLayout, retained: &mut usize| {
-        let mut k = vec![bf16::ZERO; layout.total_rows() * HEAD_DIM];
-        let mut v = k.clone();
-        for (s, seg) in layout.segments().iter().enumerate() {
-            let tok = &tokens[s];
-            let kept: Vec<usize> = match seg.mode {
-                SegmentMode::Full => (0..size.prompt).collect(),
-                SegmentMode::Streaming { sink, window } => {
-                    let (sink, window) = (sink as usize, window as usize);
-                    (0..sink.min(size.prompt))
-                        .chain(size.prompt.saturating_sub(window).max(sink)..size.prompt)
-                        .collect()
-                }
-            };
-            *retained += tok.needles.iter().filter(|n| kept.contains(n)).count();
-            for (i, &t) in kept.iter().enumerate() {
-                let row = seg.row(i as u32) as usize * HEAD_DIM;
-                for j in 0..HEAD_DIM {
-                    k[row + j] = bf16::from_f32(tok.k[t * HEAD_DIM + j]);
-                    v[row + j] = bf16::from_f32(tok.v[t * HEAD_DIM + j]);
-                }
+    let mut k = vec![bf16::ZERO; layout.total_rows() * HEAD_DIM];
+    let mut v = k.clone();
+    for (s, seg) in layout.segments().iter().enumerate() {
+        let tok = &tokens[s];
+        let kept: Vec<usize> = match seg.mode {
+            SegmentMode::Full => (0..size.prompt).collect(),
+            SegmentMode::Streaming { sink, window } => {
+                let (sink, window) = (sink as usize, window as usize);
+                (0..sink.min(size.prompt))
+                    .chain(size.prompt.saturating_sub(window).max(sink)..size.prompt)
+                    .collect()
+            }
+        };
+        retained += tok.needles.iter().filter(|n| kept.contains(n)).count();
+        for (i, &t) in kept.iter().enumerate() {
+            let row = seg.row(i as u32) as usize * HEAD_DIM;
+            for j in 0..HEAD_DIM {
+                k[row + j] = bf16::from_f32(tok.k[t * HEAD_DIM + j]);
+                v[row + j] = bf16::from_f32(tok.v[t * HEAD_DIM + j]);
             }
         }
-        (k, v)
-    };
-    let mut ignore = 0;
-    let (fk, fv) = fill(&full_layout, &mut ignore);
-    let (mk, mv) = fill(&mixed, &mut retained);
-    let full = LayerCache::from_parts(store, full_layout, HEAD_DIM, store.upload(&fk)?, store.upload(&fv)?)?;
-    let mixed = LayerCache::from_parts(store, mixed, HEAD_DIM, store.upload(&mk)?, store.upload(&mv)?)?;
-    Ok((full, mixed, retained))
+    }
+    let cache = LayerCache::from_parts(store, layout, HEAD_DIM, store.upload(&k)?, store.upload(&v)?)?;
+    Ok((cache, retained))
 }
 
 struct Row {
@@ -157,8 +144,6 @@ struct Row {
     needles: (usize, usize),
     ms: f64,
 }
-
-type Caches<S> = (LayerCache<S, bf16>, LayerCache<S, bf16>, usize);
 
 const SPARSITIES: [f64; 3] = [0.2, 0.5, 0.8];
 
@@ -190,7 +175,7 @@ fn run<S: Store>(store: &S, size: Size, gates: &HeadGates, sync: &dyn Fn(&S)) ->
         for (i, heads) in
             std::iter::once(Ok(all)).chain(SPARSITIES.iter().map(|&s| gates.select_full(s))).enumerate()
         {
-            let (_, cache, retained) = build_layer(store, &size, &heads?, layer, &tokens)?;
+            let (cache, retained) = build_layer(store, &size, &heads?, layer, &tokens)?;
             rows[i].needles.0 += retained;
             rows[i].needles.1 += n * NEEDLES;
             caches.push(cache);
