@@ -93,6 +93,64 @@ typedef struct HwAttentionParams {
     float scale_log2; /* softmax scale * log2(e): logits are kept in base 2 */
 } HwAttentionParams;
 
+/* Prefill compression of one layer (SPEC section 3): score, select, gather. One struct serves
+ * the five kernels of cuda/select.cu (stats, stats_merge, score, pool, adakv, select, gather),
+ * each reading the fields it needs.
+ *
+ * Source segment s (= sequence * kv_heads + kv_head) has the prompt's q_len tokens at rows
+ * s * q_len .. of k/v ([num_segments][q_len][head_dim], KV dtype); its G query heads' last
+ * `window` queries are rows (s * G + g) * window + i of queries ([num_segments][G][window]
+ * [head_dim]). Window query i (position n + i, n = q_len - window) sees every prefix key and
+ * window keys 0..=i. Logits are scale * q.k, kept in base 2 (scale_log2 = scale * log2(e)).
+ *
+ * Score rows: one per source segment (per_query_head = 0: the group reduced by gqa_mode), or
+ * one per query head (per_query_head = 1, row s * G + g). Row r has n prefix scores.
+ *   stats:         [num_segments][splits][G * window][2] f32: per-split (max, sum of exp2)
+ *   final_stats:   [num_segments][G * window][2] f32: merged over splits
+ *   scores:        [rows][n] f32, the reduced per-token score before pooling
+ *   keys:          [rows][n] u32, pooled scores as order-preserving keys (NaN lowest)
+ *   budgets:       [rows] i32 tokens to keep, window included (>= window); AdaKV writes them
+ *   kept:          [rows][q_len] i32 kept positions, ascending, min(budget, q_len) of them
+ * The destination table `seg` has `rows` Full segments whose len the host has set to
+ * min(budget, q_len); gather copies the kept rows there. */
+#define HW_POOL_MAX 0
+#define HW_POOL_AVG 1
+#define HW_GQA_MEAN 0
+#define HW_GQA_MAX 1
+typedef struct HwSelectParams {
+    const void* k;
+    const void* v;
+    const void* queries;
+    float* stats;
+    float* final_stats;
+    float* scores;
+    uint32_t* keys;
+    int32_t* budgets;
+    int32_t* kept;
+    void* k_cache;
+    void* v_cache;
+    HwSegmentTable seg;
+    int32_t num_segments;
+    int32_t group_size;
+    int32_t head_dim;
+    int32_t q_len;
+    int32_t window;
+    int32_t pool_kernel;
+    int32_t pool_mode;
+    int32_t gqa_mode;
+    int32_t per_query_head;
+    int32_t chunk_tokens; /* tokens per split in the stats and score passes, a multiple of the tile */
+    int32_t splits;
+    float scale_log2;
+    /* AdaKV (SPEC section 3): rows_per_sequence score rows share a pool of
+     * rows_per_sequence * adakv_prefix_budget prefix tokens; row h then keeps
+     * rint(c_h * adakv_keep + adakv_floor) prefix tokens plus the window. */
+    int32_t rows_per_sequence;
+    int32_t adakv_prefix_budget;
+    int32_t adakv_floor;
+    float adakv_keep;
+} HwSelectParams;
+
 /* Launch geometry handed to the emulator (the GPU path passes the same numbers to the driver). */
 typedef struct HwLaunch {
     uint32_t grid_x, grid_y, grid_z;

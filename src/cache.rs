@@ -104,6 +104,22 @@ impl<S: Store, T: KvElem> LayerCache<S, T> {
         (self.layout, self.k, self.v)
     }
 
+    /// The store, both cache buffers and the device table, for kernels that write the cache.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn parts_mut(&mut self) -> (&S, &mut S::Buf<T>, &mut S::Buf<T>, &mut S::Buf<i32>) {
+        (&self.store, &mut self.k, &mut self.v, &mut self.table)
+    }
+
+    /// Replaces the layout by `layout` (same buffers, revalidated) and rewrites the device table.
+    pub(crate) fn set_layout(&mut self, layout: LayerLayout) -> Result<()> {
+        if layout.total_rows() != self.layout.total_rows() {
+            return Err(Error::invalid("layout", "total_rows must match the cache buffers"));
+        }
+        self.store.overwrite(&mut self.table, &layout.device_table())?;
+        self.layout = layout;
+        Ok(())
+    }
+
     /// Appends one token to every segment: `k_new`/`v_new` are `[num_segments][head_dim]`.
     /// `Full` segments write row `len`; `Streaming` segments fill their sinks, then their ring.
     ///

@@ -19,6 +19,7 @@ pub mod layout;
 pub mod params;
 pub mod policy;
 pub mod reference;
+pub mod select;
 #[doc(hidden)]
 pub mod simt_selftest;
 pub mod store;

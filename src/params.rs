@@ -6,6 +6,10 @@
 
 pub const HW_MODE_FULL: u32 = 0;
 pub const HW_MODE_STREAMING: u32 = 1;
+pub const HW_POOL_MAX: u32 = 0;
+pub const HW_POOL_AVG: u32 = 1;
+pub const HW_GQA_MEAN: u32 = 0;
+pub const HW_GQA_MAX: u32 = 1;
 pub const HW_EMU_ERROR_LEN: u32 = 1024;
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
@@ -217,6 +221,136 @@ const _: () = {
     ][::core::mem::offset_of!(HwAttentionParams, scale_log2) - 128usize];
 };
 impl Default for HwAttentionParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct HwSelectParams {
+    pub k: *const ::core::ffi::c_void,
+    pub v: *const ::core::ffi::c_void,
+    pub queries: *const ::core::ffi::c_void,
+    pub stats: *mut f32,
+    pub final_stats: *mut f32,
+    pub scores: *mut f32,
+    pub keys: *mut u32,
+    pub budgets: *mut i32,
+    pub kept: *mut i32,
+    pub k_cache: *mut ::core::ffi::c_void,
+    pub v_cache: *mut ::core::ffi::c_void,
+    pub seg: HwSegmentTable,
+    pub num_segments: i32,
+    pub group_size: i32,
+    pub head_dim: i32,
+    pub q_len: i32,
+    pub window: i32,
+    pub pool_kernel: i32,
+    pub pool_mode: i32,
+    pub gqa_mode: i32,
+    pub per_query_head: i32,
+    pub chunk_tokens: i32,
+    pub splits: i32,
+    pub scale_log2: f32,
+    pub rows_per_sequence: i32,
+    pub adakv_prefix_budget: i32,
+    pub adakv_floor: i32,
+    pub adakv_keep: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of HwSelectParams"][::core::mem::size_of::<HwSelectParams>() - 208usize];
+    ["Alignment of HwSelectParams"][::core::mem::align_of::<HwSelectParams>() - 8usize];
+    [
+        "Offset of field: HwSelectParams::k",
+    ][::core::mem::offset_of!(HwSelectParams, k) - 0usize];
+    [
+        "Offset of field: HwSelectParams::v",
+    ][::core::mem::offset_of!(HwSelectParams, v) - 8usize];
+    [
+        "Offset of field: HwSelectParams::queries",
+    ][::core::mem::offset_of!(HwSelectParams, queries) - 16usize];
+    [
+        "Offset of field: HwSelectParams::stats",
+    ][::core::mem::offset_of!(HwSelectParams, stats) - 24usize];
+    [
+        "Offset of field: HwSelectParams::final_stats",
+    ][::core::mem::offset_of!(HwSelectParams, final_stats) - 32usize];
+    [
+        "Offset of field: HwSelectParams::scores",
+    ][::core::mem::offset_of!(HwSelectParams, scores) - 40usize];
+    [
+        "Offset of field: HwSelectParams::keys",
+    ][::core::mem::offset_of!(HwSelectParams, keys) - 48usize];
+    [
+        "Offset of field: HwSelectParams::budgets",
+    ][::core::mem::offset_of!(HwSelectParams, budgets) - 56usize];
+    [
+        "Offset of field: HwSelectParams::kept",
+    ][::core::mem::offset_of!(HwSelectParams, kept) - 64usize];
+    [
+        "Offset of field: HwSelectParams::k_cache",
+    ][::core::mem::offset_of!(HwSelectParams, k_cache) - 72usize];
+    [
+        "Offset of field: HwSelectParams::v_cache",
+    ][::core::mem::offset_of!(HwSelectParams, v_cache) - 80usize];
+    [
+        "Offset of field: HwSelectParams::seg",
+    ][::core::mem::offset_of!(HwSelectParams, seg) - 88usize];
+    [
+        "Offset of field: HwSelectParams::num_segments",
+    ][::core::mem::offset_of!(HwSelectParams, num_segments) - 144usize];
+    [
+        "Offset of field: HwSelectParams::group_size",
+    ][::core::mem::offset_of!(HwSelectParams, group_size) - 148usize];
+    [
+        "Offset of field: HwSelectParams::head_dim",
+    ][::core::mem::offset_of!(HwSelectParams, head_dim) - 152usize];
+    [
+        "Offset of field: HwSelectParams::q_len",
+    ][::core::mem::offset_of!(HwSelectParams, q_len) - 156usize];
+    [
+        "Offset of field: HwSelectParams::window",
+    ][::core::mem::offset_of!(HwSelectParams, window) - 160usize];
+    [
+        "Offset of field: HwSelectParams::pool_kernel",
+    ][::core::mem::offset_of!(HwSelectParams, pool_kernel) - 164usize];
+    [
+        "Offset of field: HwSelectParams::pool_mode",
+    ][::core::mem::offset_of!(HwSelectParams, pool_mode) - 168usize];
+    [
+        "Offset of field: HwSelectParams::gqa_mode",
+    ][::core::mem::offset_of!(HwSelectParams, gqa_mode) - 172usize];
+    [
+        "Offset of field: HwSelectParams::per_query_head",
+    ][::core::mem::offset_of!(HwSelectParams, per_query_head) - 176usize];
+    [
+        "Offset of field: HwSelectParams::chunk_tokens",
+    ][::core::mem::offset_of!(HwSelectParams, chunk_tokens) - 180usize];
+    [
+        "Offset of field: HwSelectParams::splits",
+    ][::core::mem::offset_of!(HwSelectParams, splits) - 184usize];
+    [
+        "Offset of field: HwSelectParams::scale_log2",
+    ][::core::mem::offset_of!(HwSelectParams, scale_log2) - 188usize];
+    [
+        "Offset of field: HwSelectParams::rows_per_sequence",
+    ][::core::mem::offset_of!(HwSelectParams, rows_per_sequence) - 192usize];
+    [
+        "Offset of field: HwSelectParams::adakv_prefix_budget",
+    ][::core::mem::offset_of!(HwSelectParams, adakv_prefix_budget) - 196usize];
+    [
+        "Offset of field: HwSelectParams::adakv_floor",
+    ][::core::mem::offset_of!(HwSelectParams, adakv_floor) - 200usize];
+    [
+        "Offset of field: HwSelectParams::adakv_keep",
+    ][::core::mem::offset_of!(HwSelectParams, adakv_keep) - 204usize];
+};
+impl Default for HwSelectParams {
     fn default() -> Self {
         let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
         unsafe {

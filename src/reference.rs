@@ -86,23 +86,7 @@ pub fn attention<T: crate::KvElem>(
     (out, lse)
 }
 
-/// Pooling of prefix scores along tokens (SPEC section 3, step 5).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Pool {
-    /// `max_pool1d`, stride 1, padding `k/2` (padding never wins: it is -inf).
-    Max,
-    /// `avg_pool1d`, stride 1, padding `k/2`, zero padding counted (edge scores divided by `k`).
-    Avg,
-}
-
-/// How the `G` query heads of a group are combined into one KV head's score.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GqaReduce {
-    /// Mean over the group (the default, as AdaKV's GQA mode and kvpress).
-    Mean,
-    /// Max over the group.
-    Max,
-}
+pub use crate::select::{GqaReduce, Pool};
 
 /// SnapKV-family prefix scores for one KV head, in f64 (SPEC section 3, steps 1-5).
 ///
@@ -169,17 +153,56 @@ pub fn snapkv_scores<T: crate::KvElem>(
 /// The positions a segment keeps (SPEC section 3, step 6): the `budget - window` best-scored
 /// prefix tokens (ties: the lower position wins) and the `window` window tokens, in position
 /// order. A budget of at least `q = scores.len() + window` keeps all `q`. NaN scores rank below
-/// every number (a NaN token is kept only when the budget leaves no better choice).
+/// every number, `-inf` included (a NaN token is kept only when the budget leaves no better
+/// choice); this is the order of the kernels' keys (`order_key` in cuda/select.cu).
 pub fn select_positions(scores: &[f64], window: usize, budget: usize) -> Vec<usize> {
     let n = scores.len();
     if budget >= n + window {
         return (0..n + window).collect();
     }
-    let key = |x: f64| if x.is_nan() { f64::NEG_INFINITY } else { x };
     let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by(|&a, &b| key(scores[b]).total_cmp(&key(scores[a])).then(a.cmp(&b)));
+    order.sort_by(|&a, &b| rank_cmp(scores[b], scores[a]).then(a.cmp(&b)));
     let mut kept: Vec<usize> = order[..budget.saturating_sub(window).min(n)].to_vec();
     kept.sort_unstable();
     kept.extend(n..n + window);
     kept
+}
+
+/// Score order of the selections: NaN below everything, otherwise IEEE total order.
+fn rank_cmp(a: f64, b: f64) -> std::cmp::Ordering {
+    match (a.is_nan(), b.is_nan()) {
+        (true, true) => std::cmp::Ordering::Equal,
+        (true, false) => std::cmp::Ordering::Less,
+        (false, true) => std::cmp::Ordering::Greater,
+        (false, false) => a.total_cmp(&b),
+    }
+}
+
+/// AdaKV's budgets for one sequence (SPEC section 3): `scores[h]` are row `h`'s pooled prefix
+/// scores (all rows the same length `n`). The top `rows * (base - window)` scores across the
+/// rows (ties: lower row, then lower position; NaN lowest) are counted per row (`c_h`); row `h`
+/// keeps `round_half_even(c_h * (1 - alpha) + floor(alpha * (base - window)))` prefix tokens,
+/// computed in f32 as the authors' torch code, capped at `n`. Returns budgets including the
+/// window, as [`crate::select::compress`] keeps them.
+pub fn adakv_budgets(scores: &[Vec<f64>], window: usize, base: usize, floor_alpha: f32) -> Vec<usize> {
+    let n = scores.first().map_or(0, Vec::len);
+    let bp = base - window;
+    let total = (scores.len() * bp).min(scores.len() * n);
+    let mut all: Vec<(usize, usize)> = (0..scores.len()).flat_map(|h| (0..n).map(move |j| (h, j))).collect();
+    all.sort_by(|&(ha, ja), &(hb, jb)| {
+        rank_cmp(scores[hb][jb], scores[ha][ja]).then((ha, ja).cmp(&(hb, jb)))
+    });
+    let mut counts = vec![0usize; scores.len()];
+    for &(h, _) in &all[..total] {
+        counts[h] += 1;
+    }
+    let keep = (1.0 - f64::from(floor_alpha)) as f32;
+    let floor = (f64::from(floor_alpha) * bp as f64).floor() as f32;
+    counts
+        .iter()
+        .map(|&c| {
+            let x = (c as f32 * keep + floor).round_ties_even();
+            (x.max(0.0) as usize).min(n) + window
+        })
+        .collect()
 }

@@ -293,3 +293,170 @@ pub fn attention_scenario<S: Store, T: KvElem>(
         }
     }
 }
+
+/// Budgets of a [`SelectCase`].
+#[derive(Clone, Debug)]
+pub enum CaseBudgets {
+    PerRow(Vec<u32>),
+    AdaKv { base: u32, floor_alpha: f32 },
+}
+
+/// One prefill-compression scenario (see [`select_scenario`]).
+#[derive(Clone, Debug)]
+pub struct SelectCase {
+    pub batch: usize,
+    pub kv_heads: usize,
+    pub group: usize,
+    pub q: usize,
+    pub head_dim: usize,
+    pub opts: headwise::select::SelectOptions,
+    pub budgets: CaseBudgets,
+    pub seed: u64,
+}
+
+/// What a scenario saw, for tests that check more.
+pub struct SelectOutcome {
+    pub kept: Vec<Vec<u32>>,
+    pub device_scores: Vec<Vec<f32>>,
+    pub reference_scores: Vec<Vec<f64>>,
+    pub budgets: Vec<usize>,
+}
+
+/// Scores within this much of each other (relative to the row's largest score) count as a
+/// near tie (SPEC section 7): f16/bf16 inputs are exact in both, so what separates the device
+/// from the f64 reference is f32 rounding of D-term dot products, exp2 and the W-term means.
+pub const SCORE_TOL: f64 = 2e-5;
+
+/// Compresses a random prompt through `store` and checks, stage by stage and end to end:
+/// - device pooled scores against the f64 reference, within SCORE_TOL of the row maximum;
+/// - AdaKV budgets equal to the reference allocation over the device's own scores (exact);
+/// - kept positions equal to the reference selection over the device's own scores (exact:
+///   the selection is deterministic and ties go to the lower position);
+/// - kept positions against the reference selection over f64 scores, a difference excused
+///   only for tokens whose reference score lies within the near-tie tolerance of the cut;
+/// - window present, count == min(budget, q), ascending, and the cache rows byte-identical to
+///   the prompt rows they came from (the new cache starts zeroed and prompt rows are random,
+///   so a row the gather missed or misplaced shows).
+pub fn select_scenario<S: Store, T: KvElem>(store: &S, case: &SelectCase) -> SelectOutcome {
+    use headwise::select::{Budgets, GqaReduce, Granularity, Prompt, SelectWorkspace, compress};
+    let (d, q, g, w) = (case.head_dim, case.q, case.group, case.opts.window);
+    let segs = case.batch * case.kv_heads;
+    let k: Vec<T> = values(case.seed, segs * q * d, 1.0);
+    let v: Vec<T> = values(case.seed ^ 0xabc, segs * q * d, 1.0);
+    let queries: Vec<T> = values(case.seed ^ 0x5eed, segs * g * w * d, 1.0);
+    let (kb, vb, qb) =
+        (store.upload(&k).unwrap(), store.upload(&v).unwrap(), store.upload(&queries).unwrap());
+    let prompt = Prompt {
+        k: &kb,
+        v: &vb,
+        queries: &qb,
+        batch: case.batch,
+        kv_heads: case.kv_heads,
+        group_size: g,
+        q_len: q,
+        head_dim: d,
+    };
+    let budgets = match &case.budgets {
+        CaseBudgets::PerRow(b) => Budgets::PerRow(b),
+        CaseBudgets::AdaKv { base, floor_alpha } => Budgets::AdaKv { base: *base, floor_alpha: *floor_alpha },
+    };
+    let mut ws = SelectWorkspace::new();
+    let cache = compress(store, &prompt, budgets, &case.opts, &mut ws).unwrap();
+    let per_qh = case.opts.granularity == Granularity::QueryHead;
+    let rows = if per_qh { segs * g } else { segs };
+    let n = q - w;
+
+    // Reference scores per row.
+    let reference_scores: Vec<Vec<f64>> = (0..rows)
+        .map(|r| {
+            let (s, heads) = if per_qh { (r / g, r % g..r % g + 1) } else { (r, 0..g) };
+            let ks = &k[s * q * d..(s + 1) * q * d];
+            let qs = &queries[(s * g + heads.start) * w * d..(s * g + heads.end) * w * d];
+            let gqa = if per_qh { GqaReduce::Mean } else { case.opts.gqa };
+            reference::snapkv_scores(ks, qs, d, w, case.opts.pool_kernel, case.opts.pool, gqa)
+        })
+        .collect();
+    let flat = ws.scores(store).unwrap();
+    let device_scores: Vec<Vec<f32>> = (0..rows).map(|r| flat[r * n..(r + 1) * n].to_vec()).collect();
+    for r in 0..rows {
+        let top = reference_scores[r].iter().copied().fold(0.0f64, f64::max);
+        for j in 0..n {
+            let (a, b) = (f64::from(device_scores[r][j]), reference_scores[r][j]);
+            assert!(
+                (a - b).abs() <= SCORE_TOL * top || (a.is_nan() && b.is_nan()),
+                "row {r} token {j}: device {a} vs reference {b} (row max {top})"
+            );
+        }
+    }
+    let as_f64 = |s: &[f32]| s.iter().map(|&x| f64::from(x)).collect::<Vec<f64>>();
+    let rows_per_seq = rows / case.batch;
+    let budgets: Vec<usize> = match &case.budgets {
+        CaseBudgets::PerRow(b) => b.iter().map(|&x| x as usize).collect(),
+        CaseBudgets::AdaKv { base, floor_alpha } => {
+            let mut out = Vec::new();
+            for b in 0..case.batch {
+                let seq = b * rows_per_seq..(b + 1) * rows_per_seq;
+                let dev: Vec<Vec<f64>> = device_scores[seq.clone()].iter().map(|s| as_f64(s)).collect();
+                let from_dev = reference::adakv_budgets(&dev, w, *base as usize, *floor_alpha);
+                let from_ref =
+                    reference::adakv_budgets(&reference_scores[seq], w, *base as usize, *floor_alpha);
+                if from_dev != from_ref {
+                    // Only a near tie at the global cut may move a count between rows.
+                    let mut all: Vec<f64> = dev.iter().flatten().copied().collect();
+                    all.sort_by(|a, b| b.total_cmp(a));
+                    let total = (rows_per_seq * (*base as usize - w)).min(all.len());
+                    let top = all.first().copied().unwrap_or(0.0);
+                    assert!(
+                        total > 0
+                            && total < all.len()
+                            && (all[total - 1] - all[total]).abs() <= 2.0 * SCORE_TOL * top,
+                        "sequence {b}: AdaKV budgets {from_dev:?} (device scores) vs {from_ref:?} (reference) without a near tie"
+                    );
+                }
+                out.extend(from_dev);
+            }
+            out
+        }
+    };
+    let kept = ws.kept(store).unwrap();
+    assert_eq!(kept.len(), rows);
+    let layout = cache.layout().clone();
+    let (kc, vc) = (store.download(cache.k()).unwrap(), store.download(cache.v()).unwrap());
+    for r in 0..rows {
+        let want_count = budgets[r].min(q);
+        let dev_sel: Vec<usize> = reference::select_positions(&as_f64(&device_scores[r]), w, budgets[r]);
+        let got: Vec<usize> = kept[r].iter().map(|&p| p as usize).collect();
+        assert_eq!(got, dev_sel, "row {r}: kernel selection differs from the reference over the same scores");
+        assert_eq!(got.len(), want_count, "row {r}: count");
+        assert!(got.windows(2).all(|p| p[0] < p[1]), "row {r}: not ascending");
+        assert!((n..q).all(|t| got.contains(&t)), "row {r}: window missing");
+        // End to end against the f64 reference, with the near-tie excuse.
+        let ref_sel = reference::select_positions(&reference_scores[r], w, budgets[r]);
+        if got != ref_sel && budgets[r] < q {
+            let kth = budgets[r] - w;
+            let mut sorted: Vec<f64> = reference_scores[r].clone();
+            sorted.sort_by(|a, b| b.total_cmp(a));
+            let cut = sorted[kth - 1];
+            let top = sorted[0];
+            for &t in
+                got.iter().filter(|t| !ref_sel.contains(t)).chain(ref_sel.iter().filter(|t| !got.contains(t)))
+            {
+                assert!(
+                    (reference_scores[r][t] - cut).abs() <= 2.0 * SCORE_TOL * top,
+                    "row {r}: token {t} (reference score {}) differs from the reference selection, cut {cut}",
+                    reference_scores[r][t]
+                );
+            }
+        }
+        let seg = layout.segments()[r];
+        assert_eq!(seg.len as usize, want_count, "row {r}: segment len");
+        let src = if per_qh { r / g } else { r };
+        for (i, &t) in got.iter().enumerate() {
+            let row = seg.row(i as u32) as usize;
+            let from = (src * q + t) * d;
+            assert_eq!(raw(&kc[row * d..(row + 1) * d]), raw(&k[from..from + d]), "row {r} K of token {t}");
+            assert_eq!(raw(&vc[row * d..(row + 1) * d]), raw(&v[from..from + d]), "row {r} V of token {t}");
+        }
+    }
+    SelectOutcome { kept, device_scores, reference_scores, budgets }
+}

@@ -1,0 +1,486 @@
+// Prefill compression of one layer (SPEC section 3): SnapKV-family scoring, per-segment top-k
+// with a different budget per segment, AdaKV's on-device budget allocation, and the gather of
+// the kept K/V rows into a compressed layout. Shapes and buffers: HwSelectParams in params.h.
+//
+// Kernels, in launch order (the host wrapper is src/select.rs):
+//   stats        grid (segments, splits), 128 threads. Window logits of the segment's G*W query
+//                rows against one chunk of the prompt's keys, on the tensor cores (WMMA
+//                m16n16k16, f32 accumulate), reduced to a per-row online-softmax state
+//                (max, sum of exp2) per chunk. Reads K once.
+//   stats_merge  one thread per (segment, query row): folds the chunks' states.
+//   score        grid (segments, splits): recomputes the logits of the prefix keys (K read a
+//                second time), turns them into probabilities with the merged states, means over
+//                the window and reduces over the group (or keeps each query head), and writes
+//                one f32 per token. No W x q probability matrix ever reaches global memory.
+//   pool         one thread per (row, token): max/avg pooling, then an order-preserving u32 key.
+//   adakv        (AdaKV only) one block per sequence: the global top (rows * Bp) keys over the
+//                sequence's rows, counts per row, floored and rounded to per-row budgets.
+//   topk         one block per row: radix select (8-bit digits, four histogram passes over the
+//                keys in global memory, so rows of any length work) of the (budget - W) best
+//                prefix tokens, ties to the lower position, written in position order with the
+//                window positions after them.
+//   gather       grid (destination segments, y): copies the kept K/V rows into the destination
+//                segments (Full, len already set by the host).
+// Every selection is deterministic: histograms use integer atomics only, and every float sum
+// runs in a fixed order.
+#include "compat.cuh"
+#include "dtype.cuh"
+#include "params.h"
+#include "segment.cuh"
+#include "vec.cuh"
+
+namespace hw {
+
+constexpr int kSelWarps = 4;
+constexpr int kSelThreads = 32 * kSelWarps;
+constexpr int kSlabRows = 32;      // query rows per WMMA slab (two 16-row fragments)
+constexpr int kTopThreads = 256;   // pool, adakv and topk blocks
+constexpr int kTopWarps = kTopThreads / 32;
+constexpr int kMaxGroup = 16;
+
+// Keys per tile: a 16 KB K tile for every head_dim, so the static shared memory of the score
+// kernel (Q slab + K tile + logits + per-head sums) stays under the 48 KB default.
+template <int D>
+struct SelTile {
+    static constexpr int TOK = 8192 / D;
+};
+
+// Folds the online-softmax state (m2, l2) into (m, l): base-2 logits, l = sum of exp2(x - m).
+// An empty state is (-inf, 0); a NaN logit makes l NaN, and NaN must survive every fold.
+__device__ __forceinline__ void merge_softmax(float& m, float& l, float m2, float l2) {
+    const float mn = fmaxf(m, m2);
+    if (mn == -INFINITY) {
+        l += l2;  // exp2(-inf - -inf) would be NaN: both sides are empty (0) or NaN
+        return;
+    }
+    l = l * exp2f(m - mn) + l2 * exp2f(m2 - mn);
+    m = mn;
+}
+
+// Larger score -> larger key; NaN -> 0, below every number (-inf included).
+__device__ __forceinline__ uint32_t order_key(float x) {
+    if (x != x) return 0u;
+    const uint32_t b = __float_as_uint(x);
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+// Stages rows r0 .. r0 + kSlabRows of the segment's window queries (zeros past the last row).
+template <typename T, int D>
+__device__ void load_query_slab(const HwSelectParams& p, int32_t s, int r0, T* q_s) {
+    constexpr int VPR = D / kElemsPerVec;
+    const int R = p.group_size * p.window;
+    for (int v = threadIdx.x; v < kSlabRows * VPR; v += kSelThreads) {
+        const int r = v / VPR, c = v % VPR;
+        uint4 val = make_uint4(0, 0, 0, 0);
+        if (r0 + r < R) val = row_vec(p.queries, int64_t(s) * R + r0 + r, D)[c];
+        reinterpret_cast<uint4*>(q_s)[v] = val;
+    }
+}
+
+// Stages the keys t0 .. t_end of segment s (zeros past t_end; their logits are masked).
+template <typename T, int D>
+__device__ void load_key_tile(const HwSelectParams& p, int32_t s, int32_t t0, int32_t t_end, T* k_s) {
+    constexpr int VPR = D / kElemsPerVec;
+    constexpr int TOK = SelTile<D>::TOK;
+    for (int v = threadIdx.x; v < TOK * VPR; v += kSelThreads) {
+        const int r = v / VPR, c = v % VPR;
+        uint4 val = make_uint4(0, 0, 0, 0);
+        if (t0 + r < t_end) val = row_vec(p.k, int64_t(s) * p.q_len + t0 + r, D)[c];
+        reinterpret_cast<uint4*>(k_s)[v] = val;
+    }
+}
+
+// logit_s[r][t] = q_s[r] . k_s[t] (unscaled) for a slab of kSlabRows queries and a tile of TOK
+// keys: A = Q (row-major, ldm D), B = K^T, i.e. the K tile read column-major with ldm D.
+template <typename T, int D>
+__device__ void slab_logits(const T* q_s, const T* k_s, float* logit_s) {
+    using namespace nvcuda;
+    constexpr int TOK = SelTile<D>::TOK;
+    constexpr int MT = kSlabRows / 16, NT = TOK / 16;
+    const int warp = threadIdx.x / 32;
+    for (int tile = warp; tile < MT * NT; tile += kSelWarps) {
+        const int mi = tile % MT, ni = tile / MT;
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+        wmma::fill_fragment(acc, 0.0f);
+        for (int kk = 0; kk < D; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
+            wmma::load_matrix_sync(a, q_s + mi * 16 * D + kk, D);
+            wmma::load_matrix_sync(b, k_s + ni * 16 * D + kk, D);
+            wmma::mma_sync(acc, a, b, acc);
+        }
+        wmma::store_matrix_sync(logit_s + mi * 16 * TOK + ni * 16, acc, TOK, wmma::mem_row_major);
+    }
+}
+
+// Tokens [begin, end) of split `split` over `limit` tokens; false when the split is empty.
+__device__ __forceinline__ bool split_range(const HwSelectParams& p, int32_t limit, int32_t& begin,
+                                            int32_t& end) {
+    const int64_t b = int64_t(blockIdx.y) * p.chunk_tokens;
+    if (b >= limit) return false;
+    begin = int32_t(b);
+    end = int32_t(min(int64_t(limit), b + p.chunk_tokens));
+    return true;
+}
+
+template <typename T, int D>
+__device__ void select_stats_body(const HwSelectParams& p) {
+    constexpr int TOK = SelTile<D>::TOK;
+    constexpr int kThreadsPerRow = kSelThreads / kSlabRows;
+    __shared__ __align__(32) T q_s[kSlabRows * D];
+    __shared__ __align__(32) T k_s[TOK * D];
+    __shared__ __align__(32) float logit_s[kSlabRows * TOK];
+
+    const int32_t s = blockIdx.x;
+    int32_t begin, end;
+    if (!split_range(p, p.q_len, begin, end)) return;  // whole block, before any barrier
+    const int W = p.window, R = p.group_size * W;
+    const int32_t n = p.q_len - W;
+    const bool one_slab = R <= kSlabRows;
+    float* st = p.stats + (int64_t(s) * p.splits + blockIdx.y) * R * 2;
+    const int row = threadIdx.x / kThreadsPerRow, part = threadIdx.x % kThreadsPerRow;
+    // Row rr's state is owned by thread (rr % kSlabRows) * kThreadsPerRow for the whole block:
+    // it initializes, reads and updates it, so no barrier guards st.
+    if (part == 0)
+        for (int rr = row; rr < R; rr += kSlabRows) st[2 * rr] = -INFINITY, st[2 * rr + 1] = 0.0f;
+
+    for (int32_t t0 = begin; t0 < end; t0 += TOK) {
+        const int32_t t_end = min(end, t0 + TOK);
+        __syncthreads();  // the previous tile's readers of k_s / q_s / logit_s are done
+        load_key_tile<T, D>(p, s, t0, t_end, k_s);
+        for (int r0 = 0; r0 < R; r0 += kSlabRows) {
+            if (r0 > 0) __syncthreads();
+            if (!one_slab || t0 == begin) load_query_slab<T, D>(p, s, r0, q_s);
+            __syncthreads();
+            slab_logits<T, D>(q_s, k_s, logit_s);
+            __syncthreads();
+            const int rr = r0 + row;
+            float m = -INFINITY, l = 0.0f;
+            if (rr < R) {
+                // Causal inside the window: query i (position n + i) sees keys t <= n + i.
+                const int32_t lim = int32_t(min(int64_t(t_end), int64_t(n) + rr % W + 1));
+                const float* lr = logit_s + row * TOK;
+                for (int32_t c = part; t0 + c < lim; c += kThreadsPerRow) m = fmaxf(m, lr[c] * p.scale_log2);
+                for (int32_t c = part; t0 + c < lim; c += kThreadsPerRow) {
+                    const float x = lr[c] * p.scale_log2;
+                    l += x == -INFINITY ? 0.0f : exp2f(x - m);
+                }
+            }
+#pragma unroll
+            for (int off = 1; off < kThreadsPerRow; off <<= 1) {
+                const float m2 = __shfl_xor_sync(0xffffffffu, m, off);
+                const float l2 = __shfl_xor_sync(0xffffffffu, l, off);
+                merge_softmax(m, l, m2, l2);
+            }
+            if (rr < R && part == 0) {
+                float gm = st[2 * rr], gl = st[2 * rr + 1];
+                merge_softmax(gm, gl, m, l);
+                st[2 * rr] = gm;
+                st[2 * rr + 1] = gl;
+            }
+        }
+    }
+}
+
+// One thread per (segment, query row): folds the per-split states in split order.
+__device__ void select_stats_merge_body(const HwSelectParams& p) {
+    const int R = p.group_size * p.window;
+    const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (idx >= int64_t(p.num_segments) * R) return;
+    const int64_t s = idx / R, rr = idx % R;
+    const int used = int((int64_t(p.q_len) + p.chunk_tokens - 1) / p.chunk_tokens);
+    float m = -INFINITY, l = 0.0f;
+    for (int c = 0; c < used; ++c) {
+        const float* st = p.stats + ((s * p.splits + c) * R + rr) * 2;
+        merge_softmax(m, l, st[0], st[1]);
+    }
+    p.final_stats[idx * 2] = m;
+    p.final_stats[idx * 2 + 1] = l;
+}
+
+template <typename T, int D>
+__device__ void select_score_body(const HwSelectParams& p) {
+    constexpr int TOK = SelTile<D>::TOK;
+    __shared__ __align__(32) T q_s[kSlabRows * D];
+    __shared__ __align__(32) T k_s[TOK * D];
+    __shared__ __align__(32) float logit_s[kSlabRows * TOK];
+    __shared__ float acc_s[kMaxGroup * TOK];  // [g][token]: sum over the head's window queries
+    __shared__ float m_s[kSlabRows];
+    __shared__ float l_s[kSlabRows];
+
+    const int32_t s = blockIdx.x;
+    const int W = p.window, G = p.group_size, R = G * W;
+    const int32_t n = p.q_len - W;
+    int32_t begin, end;
+    if (!split_range(p, n, begin, end)) return;  // only prefix tokens are scored
+    const bool one_slab = R <= kSlabRows;
+    const int tid = threadIdx.x;
+    const float* fs = p.final_stats + int64_t(s) * R * 2;
+
+    for (int32_t t0 = begin; t0 < end; t0 += TOK) {
+        const int32_t t_end = min(end, t0 + TOK);
+        __syncthreads();
+        load_key_tile<T, D>(p, s, t0, t_end, k_s);
+        for (int i = tid; i < G * TOK; i += kSelThreads) acc_s[i] = 0.0f;
+        for (int r0 = 0; r0 < R; r0 += kSlabRows) {
+            if (r0 > 0) __syncthreads();
+            if (!one_slab || t0 == begin) {
+                load_query_slab<T, D>(p, s, r0, q_s);
+                if (tid < kSlabRows) {
+                    const bool live = r0 + tid < R;
+                    m_s[tid] = live ? fs[2 * (r0 + tid)] : 0.0f;
+                    l_s[tid] = live ? fs[2 * (r0 + tid) + 1] : 1.0f;
+                }
+            }
+            __syncthreads();
+            slab_logits<T, D>(q_s, k_s, logit_s);
+            __syncthreads();
+            // Thread c owns token column c of acc_s, so the sums need no atomics and run in row
+            // order: the same result on every run. Every window query sees every prefix key.
+            if (tid < TOK && t0 + tid < t_end) {
+                const int rows = min(kSlabRows, R - r0);
+                for (int r = 0; r < rows; ++r) {
+                    const float x = logit_s[r * TOK + tid] * p.scale_log2;
+                    acc_s[((r0 + r) / W) * TOK + tid] += exp2f(x - m_s[r]) / l_s[r];
+                }
+            }
+        }
+        if (tid < TOK && t0 + tid < t_end) {
+            const int32_t t = t0 + tid;
+            if (p.per_query_head) {
+                for (int g = 0; g < G; ++g)
+                    p.scores[(int64_t(s) * G + g) * n + t] = acc_s[g * TOK + tid] / float(W);
+            } else {
+                float red = p.gqa_mode == HW_GQA_MAX ? -INFINITY : 0.0f;
+                for (int g = 0; g < G; ++g) {
+                    const float v = acc_s[g * TOK + tid] / float(W);
+                    red = p.gqa_mode == HW_GQA_MAX ? fmaxf(red, v) : red + v;
+                }
+                p.scores[int64_t(s) * n + t] = p.gqa_mode == HW_GQA_MAX ? red : red / float(G);
+            }
+        }
+    }
+}
+
+__device__ __forceinline__ int64_t score_rows(const HwSelectParams& p) {
+    return int64_t(p.num_segments) * (p.per_query_head ? p.group_size : 1);
+}
+
+// Pooling along tokens, stride 1, padding k/2: max ignores the padding (and NaN, as fmaxf
+// does); avg counts the zero padding, so it always divides by k.
+__device__ void select_pool_body(const HwSelectParams& p) {
+    const int32_t n = p.q_len - p.window;
+    const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (idx >= score_rows(p) * n) return;
+    const int64_t row = idx / n;
+    const int32_t t = int32_t(idx % n), r = p.pool_kernel / 2;
+    const float* sc = p.scores + row * n;
+    const int32_t lo = max(0, t - r), hi = int32_t(min(int64_t(n) - 1, int64_t(t) + r));
+    float v;
+    if (p.pool_mode == HW_POOL_MAX) {
+        v = -INFINITY;
+        for (int32_t j = lo; j <= hi; ++j) v = fmaxf(v, sc[j]);
+    } else {
+        v = 0.0f;
+        for (int32_t j = lo; j <= hi; ++j) v += sc[j];
+        v /= float(p.pool_kernel);
+    }
+    p.keys[idx] = order_key(v);
+}
+
+// Block-wide exclusive prefix sum over kTopThreads threads; `total` gets the block's sum.
+__device__ uint32_t block_exclusive_scan(uint32_t v, uint32_t& total) {
+    __shared__ uint32_t warp_sum[kTopWarps];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    uint32_t x = v;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+        const uint32_t y = __shfl_up_sync(0xffffffffu, x, off);
+        if (lane >= off) x += y;
+    }
+    if (lane == 31) warp_sum[warp] = x;
+    __syncthreads();
+    uint32_t before = 0, tot = 0;
+    for (int w = 0; w < kTopWarps; ++w) {
+        const uint32_t u = warp_sum[w];
+        if (w < warp) before += u;
+        tot += u;
+    }
+    __syncthreads();  // warp_sum is rewritten by the next call
+    total = tot;
+    return before + x - v;
+}
+
+struct Threshold {
+    uint32_t key;     // the k-th largest key
+    int64_t take_eq;  // how many keys equal to `key` are selected (the lowest indices)
+};
+
+// The k-th largest of keys[0 .. N) (1 <= k <= N), block-wide: MSB-first radix select with
+// 8-bit digits. Each pass filters the keys that match the digits chosen so far and builds the
+// next digit's histogram in the same sweep; the keys stay in global memory (L2), so N is not
+// bounded by shared memory. Exactly k - take_eq keys are greater than the threshold.
+__device__ Threshold radix_threshold(const uint32_t* keys, int64_t N, int64_t k) {
+    __shared__ uint32_t hist[256];
+    __shared__ uint32_t chosen_digit;
+    __shared__ int64_t chosen_rem;
+    uint32_t prefix = 0, mask = 0;
+    int64_t rem = k;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = threadIdx.x; i < 256; i += kTopThreads) hist[i] = 0;
+        __syncthreads();
+        for (int64_t i = threadIdx.x; i < N; i += kTopThreads) {
+            const uint32_t key = keys[i];
+            if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            // Walk down from the top digit until the bucket holding the rem-th largest key.
+            int64_t r = rem;
+            int d = 255;
+            for (; d > 0; --d) {
+                if (int64_t(hist[d]) >= r) break;
+                r -= hist[d];
+            }
+            chosen_digit = uint32_t(d);
+            chosen_rem = r;
+        }
+        __syncthreads();
+        prefix |= chosen_digit << shift;
+        mask |= 255u << shift;
+        rem = chosen_rem;
+        // No barrier needed here: chosen_* are rewritten only after two more barriers.
+    }
+    return Threshold{prefix, rem};
+}
+
+// Writes the selected indices of keys[0 .. N) to out in ascending order: every key above the
+// threshold and the first take_eq keys equal to it. One packed scan per tile: the high half
+// counts keys above, the low half keys equal (a tile has at most 256 of each).
+__device__ void write_selected(const uint32_t* keys, int64_t N, Threshold th, int32_t* out) {
+    int64_t gt_carry = 0, eq_carry = 0;
+    for (int64_t base = 0; base < N; base += kTopThreads) {
+        const int64_t t = base + threadIdx.x;
+        const uint32_t key = t < N ? keys[t] : 0u;
+        const bool gt = t < N && key > th.key, eq = t < N && key == th.key;
+        uint32_t total;
+        const uint32_t ex = block_exclusive_scan((uint32_t(gt) << 16) | uint32_t(eq), total);
+        const int64_t g_before = gt_carry + (ex >> 16), e_before = eq_carry + (ex & 0xffffu);
+        if (gt || (eq && e_before < th.take_eq)) out[g_before + min(e_before, th.take_eq)] = int32_t(t);
+        gt_carry += total >> 16;
+        eq_carry += total & 0xffffu;
+    }
+}
+
+// One block per score row: keep min(budget, q) positions, ascending.
+__device__ void select_topk_body(const HwSelectParams& p) {
+    const int64_t row = blockIdx.x;
+    const int32_t q = p.q_len, W = p.window, n = q - W;
+    const int32_t budget = p.budgets[row];
+    int32_t* out = p.kept + row * q;
+    if (budget >= q) {  // keep everything (uniform across the block: no barrier is skipped)
+        for (int32_t t = threadIdx.x; t < q; t += kTopThreads) out[t] = t;
+        return;
+    }
+    const int32_t k = budget - W;  // 0 <= k < n: the host and the adakv kernel guarantee W <= budget
+    if (k > 0) {
+        const uint32_t* keys = p.keys + row * n;
+        write_selected(keys, n, radix_threshold(keys, n, k), out);
+    }
+    for (int32_t i = threadIdx.x; i < W; i += kTopThreads) out[k + i] = n + i;
+}
+
+// AdaKV (SPEC section 3), one block per sequence over its rows_per_sequence score rows: the
+// global top (rows * Bp) pooled scores (ties to the lower row, then position), c_h of them in
+// row h, budget_h = rint(c_h * (1 - alpha) + floor(alpha * Bp)) + W in f32 (rint rounds half to
+// even, as torch.round), capped at the row's n prefix tokens.
+__device__ void select_adakv_body(const HwSelectParams& p) {
+    const int32_t H = p.rows_per_sequence, W = p.window, n = p.q_len - W;
+    const int64_t first = int64_t(blockIdx.x) * H;
+    const uint32_t* keys = p.keys + first * n;
+    const int64_t N = int64_t(H) * n;
+    const int64_t total = min(int64_t(H) * p.adakv_prefix_budget, N);
+    Threshold th{0xffffffffu, 0};
+    if (total > 0) th = radix_threshold(keys, N, total);
+    int64_t eq_before = 0;
+    for (int32_t h = 0; h < H; ++h) {
+        int64_t gt = 0, eq = 0;
+        if (total > 0) {
+            for (int64_t base = 0; base < n; base += kTopThreads) {
+                const int64_t t = base + threadIdx.x;
+                const uint32_t key = t < n ? keys[int64_t(h) * n + t] : 0u;
+                gt += __syncthreads_count(t < n && key > th.key);
+                eq += __syncthreads_count(t < n && key == th.key);
+            }
+        }
+        if (threadIdx.x == 0) {
+            const int64_t taken = gt + max(int64_t(0), min(eq, th.take_eq - eq_before));
+            // Separate roundings (no FMA contraction), as torch's multiply then add.
+            float c = rintf(__fadd_rn(__fmul_rn(float(taken), p.adakv_keep), float(p.adakv_floor)));
+            c = fminf(fmaxf(c, 0.0f), float(n));
+            p.budgets[first + h] = int32_t(c) + W;
+        }
+        eq_before += eq;
+    }
+}
+
+// Copies kept rows: destination segment s takes prompt rows from source segment s (or s / G
+// for per-query-head rows). One warp per row, 16-byte vectors.
+template <int D>
+__device__ void select_gather_body(const HwSelectParams& p) {
+    constexpr int VPR = D / kElemsPerVec;
+    const int32_t s = blockIdx.x;
+    const int32_t src = p.per_query_head ? s / p.group_size : s;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const SegmentView seg = SegmentView::load(p.seg, s);
+    const int32_t* kept = p.kept + int64_t(s) * p.q_len;
+    for (int64_t r = int64_t(blockIdx.y) * kSelWarps + warp; r < seg.len; r += int64_t(gridDim.y) * kSelWarps) {
+        const int64_t from = int64_t(src) * p.q_len + kept[r];
+        const int64_t to = seg.row(int32_t(r));
+        for (int i = lane; i < 2 * VPR; i += 32) {
+            if (i < VPR) {
+                row_vec(p.k_cache, to, D)[i] = row_vec(p.k, from, D)[i];
+            } else {
+                row_vec(p.v_cache, to, D)[i - VPR] = row_vec(p.v, from, D)[i - VPR];
+            }
+        }
+    }
+}
+
+}  // namespace hw
+
+#define HW_SELECT_TILE_KERNELS(X)                            \
+    X(hw_select_stats_f16_d64, stats, __half, 64)            \
+    X(hw_select_stats_f16_d128, stats, __half, 128)          \
+    X(hw_select_stats_f16_d256, stats, __half, 256)          \
+    X(hw_select_stats_bf16_d64, stats, __nv_bfloat16, 64)    \
+    X(hw_select_stats_bf16_d128, stats, __nv_bfloat16, 128)  \
+    X(hw_select_stats_bf16_d256, stats, __nv_bfloat16, 256)  \
+    X(hw_select_score_f16_d64, score, __half, 64)            \
+    X(hw_select_score_f16_d128, score, __half, 128)          \
+    X(hw_select_score_f16_d256, score, __half, 256)          \
+    X(hw_select_score_bf16_d64, score, __nv_bfloat16, 64)    \
+    X(hw_select_score_bf16_d128, score, __nv_bfloat16, 128)  \
+    X(hw_select_score_bf16_d256, score, __nv_bfloat16, 256)
+
+// Both dtypes are 16-bit and gather only moves rows: one instantiation per head_dim.
+#define HW_SELECT_GATHER_KERNELS(X)    \
+    X(hw_select_gather_d64, 64)        \
+    X(hw_select_gather_d128, 128)      \
+    X(hw_select_gather_d256, 256)
+
+#define HW_SELECT_PLAIN_KERNELS(X)                                   \
+    X(hw_select_stats_merge, hw::select_stats_merge_body, 256)       \
+    X(hw_select_pool, hw::select_pool_body, 256)                     \
+    X(hw_select_topk, hw::select_topk_body, hw::kTopThreads)         \
+    X(hw_select_adakv, hw::select_adakv_body, hw::kTopThreads)
+
+#define HW_SELECT_TILE_ENTRY(name, kind, T, D) \
+    HW_KERNEL_ENTRY_BOUNDED(name, HwSelectParams, hw::kSelThreads, (hw::select_##kind##_body<T, D>(p)))
+#define HW_SELECT_GATHER_ENTRY(name, D) \
+    HW_KERNEL_ENTRY_BOUNDED(name, HwSelectParams, hw::kSelThreads, (hw::select_gather_body<D>(p)))
+#define HW_SELECT_PLAIN_ENTRY(name, body, threads) \
+    HW_KERNEL_ENTRY_BOUNDED(name, HwSelectParams, threads, (body(p)))
+HW_SELECT_TILE_KERNELS(HW_SELECT_TILE_ENTRY)
+HW_SELECT_GATHER_KERNELS(HW_SELECT_GATHER_ENTRY)
+HW_SELECT_PLAIN_KERNELS(HW_SELECT_PLAIN_ENTRY)

@@ -1,0 +1,670 @@
+//! Prefill compression (SPEC section 3): SnapKV-family scoring, per-segment top-k and gather of
+//! the kept rows into a compressed [`LayerCache`]; kernels in `cuda/select.cu`.
+//!
+//! # Inputs ([`Prompt`])
+//! For one layer of a batch of `batch` sequences, each with the same prompt length `q`:
+//! - `k`, `v`: the prompt's keys (already RoPE-rotated) and values, `[batch][kv_heads][q][head_dim]`;
+//! - `queries`: the last `window` queries of every query head, `[batch][kv_heads * G][window]
+//!   [head_dim]` (query head `h * G + g` belongs to KV head `h`).
+//!
+//! # What is computed
+//! For each (sequence, KV head): window query `i` (position `n + i`, `n = q - window`) against
+//! all keys, scaled by `1 / sqrt(head_dim)` (or [`SelectOptions::scale`]), causal only inside the
+//! window; f32 softmax over the whole row; the score of prefix token `j < n` is the mean over
+//! the window queries, reduced over the group ([`GqaReduce`]) or kept per query head
+//! ([`Granularity::QueryHead`]), then pooled ([`Pool`], odd kernel, stride 1, padding k/2).
+//! Each score row keeps its `budget - window` best prefix tokens (ties: the lower position wins;
+//! NaN scores rank below every number) plus the `window` window tokens, in position order; a
+//! budget of at least `q` keeps all `q`. The kept K/V rows are copied into a `Full` segment per
+//! row. Budgets count tokens and include the window.
+//!
+//! The prompt's K is read twice (softmax statistics, then scores); only per-token scores are
+//! written between the stages. Selection is deterministic, run after run.
+//!
+//! # Output layout
+//! [`Granularity::KvHead`] (default): one segment per (sequence, KV head), `kv_heads` segments
+//! per sequence. [`Granularity::QueryHead`]: one per (sequence, query head), `kv_heads * G` per
+//! sequence (the papers' G-times storage; attend with group size 1). Segment `r` holds
+//! `min(budget_r, q)` rows and capacity `min(budget_r, q) + headroom`.
+//!
+//! # Non-finite inputs
+//! Not filtered. A NaN in a key or query makes the softmax sums of the rows that see it NaN,
+//! hence every score of the affected heads NaN; NaN scores rank lowest (max-pooling ignores a
+//! NaN neighbour, as `fmaxf` does), so those rows keep their lowest positions.
+
+use crate::cache::LayerCache;
+use crate::dtype::{KvElem, check_head_dim};
+use crate::error::{Error, Result};
+use crate::kernels::{launch_1d, lookup};
+use crate::layout::{DeviceTable, LayerLayout, MAX_ROWS, Segment};
+use crate::params::{
+    HW_GQA_MAX, HW_GQA_MEAN, HW_POOL_AVG, HW_POOL_MAX, HwLaunch, HwSegmentTable, HwSelectParams,
+};
+use crate::store::{KernelParams, Store, check_aligned};
+
+// SAFETY: generated from cuda/params.h (repr(C) plain data); every kernel in cuda/select.cu
+// takes exactly this struct by value.
+unsafe impl KernelParams for HwSelectParams {}
+// SAFETY: repr(C) plain data, passed by value as a kernel argument.
+unsafe impl cudarc::driver::DeviceRepr for HwSelectParams {}
+
+/// Largest supported GQA group size (query heads per KV head).
+pub const MAX_GROUP: usize = 16;
+const TILE_THREADS: u32 = 128;
+const TOP_THREADS: u32 = 256;
+const ELEMENTWISE_THREADS: u32 = 256;
+const GATHER_ROWS_PER_BLOCK: usize = 64;
+/// Blocks per SM the scoring passes aim for when they split the prompt into chunks.
+const BLOCKS_PER_SM: usize = 4;
+
+/// Pooling of prefix scores along tokens (SPEC section 3, step 5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Pool {
+    /// `max_pool1d`, stride 1, padding `k/2` (padding never wins: it is -inf).
+    #[default]
+    Max,
+    /// `avg_pool1d`, stride 1, padding `k/2`, zero padding counted (edge scores divided by `k`).
+    Avg,
+}
+
+/// How the `G` query heads of a group are combined into one KV head's score.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum GqaReduce {
+    /// Mean over the group (the default, as AdaKV's GQA mode and kvpress).
+    #[default]
+    Mean,
+    /// Max over the group.
+    Max,
+}
+
+/// Which heads select tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Granularity {
+    /// One selection per KV head, scores reduced over its group (real memory savings).
+    #[default]
+    KvHead,
+    /// One selection per query head, each with its own K/V copy (`G`x storage): reproduces the
+    /// SnapKV/PyramidKV/HeadKV papers for fidelity comparisons.
+    QueryHead,
+}
+
+/// Options of [`compress`] (defaults: SnapKV's `window = 32`, max-pool `kernel = 7`, mean over
+/// the group, per KV head, no headroom).
+#[derive(Clone, Copy, Debug)]
+pub struct SelectOptions {
+    /// Observation window `W`: the last `W` prompt tokens, always kept, whose queries score the
+    /// prefix. `1 <= W <= q`.
+    pub window: usize,
+    /// Pooling kernel size, odd (1 = no pooling).
+    pub pool_kernel: usize,
+    /// Pooling kind.
+    pub pool: Pool,
+    /// Group reduction ([`Granularity::KvHead`] only).
+    pub gqa: GqaReduce,
+    /// Per KV head or per query head.
+    pub granularity: Granularity,
+    /// Softmax scale; `None` is `1 / sqrt(head_dim)`.
+    pub scale: Option<f32>,
+    /// Extra rows reserved per segment of the compressed cache for decoding ([`compress`] only).
+    pub headroom: u32,
+    /// Forces the prompt chunk (tokens per block) of the scoring passes instead of the planner's
+    /// choice; a performance knob that does not change the result beyond f32 rounding.
+    pub chunk_tokens: Option<u32>,
+}
+
+impl Default for SelectOptions {
+    fn default() -> Self {
+        SelectOptions {
+            window: 32,
+            pool_kernel: 7,
+            pool: Pool::Max,
+            gqa: GqaReduce::Mean,
+            granularity: Granularity::KvHead,
+            scale: None,
+            headroom: 0,
+            chunk_tokens: None,
+        }
+    }
+}
+
+/// Per-row budgets, in tokens including the window.
+#[derive(Clone, Copy, Debug)]
+pub enum Budgets<'a> {
+    /// One budget per score row (`[batch][kv_heads]`, or `[batch][kv_heads * G]` per query head):
+    /// SnapKV (all equal), PyramidKV (per layer), HeadKV (per head), see [`crate::policy::budget`].
+    /// Each must be at least the window.
+    PerRow(&'a [u32]),
+    /// AdaKV, allocated on the device after scoring: per sequence, the top `rows * (base -
+    /// window)` pooled scores across its rows are counted per row (`c_h`), and row `h` keeps
+    /// `round_half_even(c_h * (1 - floor_alpha) + floor(floor_alpha * (base - window)))` prefix
+    /// tokens (f32, as the authors' torch code), at most all of them, plus the window.
+    AdaKv {
+        /// Average budget per row, window included (`>= window`).
+        base: u32,
+        /// Share of the prefix budget every row gets regardless of scores (authors: 0.2), in [0, 1].
+        floor_alpha: f32,
+    },
+}
+
+/// One layer's prompt, as described in the [module docs](self).
+pub struct Prompt<'a, S: Store, T: KvElem> {
+    /// Keys, `[batch][kv_heads][q][head_dim]`.
+    pub k: &'a S::Buf<T>,
+    /// Values, same shape as `k`.
+    pub v: &'a S::Buf<T>,
+    /// Last `window` queries per query head, `[batch][kv_heads * group_size][window][head_dim]`.
+    pub queries: &'a S::Buf<T>,
+    /// Sequences.
+    pub batch: usize,
+    /// KV heads per sequence.
+    pub kv_heads: usize,
+    /// Query heads per KV head (1..=16).
+    pub group_size: usize,
+    /// Prompt tokens per sequence.
+    pub q_len: usize,
+    /// Elements per K/V row (64, 128 or 256).
+    pub head_dim: usize,
+}
+
+/// Scratch memory of [`compress`], reused across calls and grown on demand. After a call it
+/// still holds that call's scores and selections, which [`SelectWorkspace::scores`] and
+/// [`SelectWorkspace::kept`] read back (for tests and diagnostics).
+pub struct SelectWorkspace<S: Store> {
+    stats: Option<S::Buf<f32>>,
+    final_stats: Option<S::Buf<f32>>,
+    scores: Option<S::Buf<f32>>,
+    keys: Option<S::Buf<u32>>,
+    budgets: Option<S::Buf<i32>>,
+    kept: Option<S::Buf<i32>>,
+    /// (rows, n, q) of the last call.
+    last: Option<(usize, usize, usize)>,
+}
+
+impl<S: Store> Default for SelectWorkspace<S> {
+    fn default() -> Self {
+        SelectWorkspace {
+            stats: None,
+            final_stats: None,
+            scores: None,
+            keys: None,
+            budgets: None,
+            kept: None,
+            last: None,
+        }
+    }
+}
+
+fn ensure<S: Store, E: crate::store::Elem>(store: &S, buf: &mut Option<S::Buf<E>>, n: usize) -> Result<()> {
+    if buf.as_ref().is_none_or(|b| S::len(b) < n.max(1)) {
+        *buf = Some(store.zeros(n.max(1))?);
+    }
+    Ok(())
+}
+
+impl<S: Store> SelectWorkspace<S> {
+    /// An empty workspace.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn last(&self) -> Result<(usize, usize, usize)> {
+        self.last.ok_or_else(|| Error::invalid("workspace", "no compression has run in this workspace"))
+    }
+
+    /// The pooled f32 scores of the last call, `[rows][q - window]` (NaN stays NaN).
+    pub fn scores(&self, store: &S) -> Result<Vec<f32>> {
+        let (rows, n, _) = self.last()?;
+        let keys = store.download(self.keys.as_ref().expect("allocated by the last call"))?;
+        Ok(keys[..rows * n].iter().map(|&k| key_to_score(k)).collect())
+    }
+
+    /// The kept positions of the last call, per row, ascending.
+    pub fn kept(&self, store: &S) -> Result<Vec<Vec<u32>>> {
+        let (rows, _, q) = self.last()?;
+        let budgets = store.download(self.budgets.as_ref().expect("allocated by the last call"))?;
+        let kept = store.download(self.kept.as_ref().expect("allocated by the last call"))?;
+        Ok((0..rows)
+            .map(|r| {
+                let count = (budgets[r] as usize).min(q);
+                kept[r * q..r * q + count].iter().map(|&p| p as u32).collect()
+            })
+            .collect())
+    }
+}
+
+/// Inverse of the kernels' order-preserving key (`order_key` in cuda/select.cu).
+fn key_to_score(key: u32) -> f32 {
+    if key == 0 {
+        f32::NAN
+    } else if key & 0x8000_0000 != 0 {
+        f32::from_bits(key & 0x7fff_ffff)
+    } else {
+        f32::from_bits(!key)
+    }
+}
+
+/// Validated shapes of one call.
+struct Shape {
+    segments: usize,
+    rows: usize,
+    rows_per_sequence: usize,
+    group: usize,
+    q: usize,
+    n: usize,
+    window: usize,
+    head_dim: usize,
+}
+
+fn check_prompt<S: Store, T: KvElem>(p: &Prompt<'_, S, T>, opts: &SelectOptions) -> Result<Shape> {
+    check_head_dim(p.head_dim)?;
+    if p.batch == 0 {
+        return Err(Error::invalid("batch", "must be at least 1"));
+    }
+    if p.kv_heads == 0 {
+        return Err(Error::invalid("kv_heads", "must be at least 1"));
+    }
+    if p.group_size == 0 || p.group_size > MAX_GROUP {
+        return Err(Error::invalid("group_size", format!("{} is outside 1..={MAX_GROUP}", p.group_size)));
+    }
+    if p.q_len == 0 {
+        return Err(Error::invalid("q_len", "must be at least 1"));
+    }
+    if opts.window == 0 || opts.window > p.q_len {
+        return Err(Error::invalid("window", format!("{} is outside 1..=q_len {}", opts.window, p.q_len)));
+    }
+    if opts.pool_kernel.is_multiple_of(2) {
+        return Err(Error::invalid("pool_kernel", format!("{} must be odd", opts.pool_kernel)));
+    }
+    if opts.pool_kernel > p.q_len {
+        // Wider than the prompt changes nothing but can overflow the kernels' int32 radius.
+        return Err(Error::invalid("pool_kernel", format!("{} exceeds q_len {}", opts.pool_kernel, p.q_len)));
+    }
+    let segments = p.batch.checked_mul(p.kv_heads);
+    let g = match opts.granularity {
+        Granularity::KvHead => 1,
+        Granularity::QueryHead => p.group_size,
+    };
+    // Every index the kernels form stays below these products, each bounded by int32 rows.
+    let bound = |x: Option<usize>| x.filter(|&v| v as u64 <= MAX_ROWS);
+    let (Some(segments), Some(rows)) = (bound(segments), bound(segments.and_then(|s| s.checked_mul(g))))
+    else {
+        return Err(Error::invalid("batch", format!("batch * kv_heads * G exceeds {MAX_ROWS}")));
+    };
+    if bound(rows.checked_mul(p.q_len)).is_none() {
+        return Err(Error::invalid(
+            "q_len",
+            format!("score rows {rows} * q_len {} exceeds {MAX_ROWS} rows", p.q_len),
+        ));
+    }
+    if bound(segments.checked_mul(p.group_size * opts.window)).is_none() {
+        return Err(Error::invalid("window", format!("query rows exceed {MAX_ROWS}")));
+    }
+    let d = p.head_dim;
+    let kv = segments * p.q_len * d;
+    for (field, len) in [("k", S::len(p.k)), ("v", S::len(p.v))] {
+        if len != kv {
+            return Err(Error::invalid(
+                field,
+                format!("{len} elements, expected batch * kv_heads * q_len * head_dim = {kv}"),
+            ));
+        }
+    }
+    let qn = segments * p.group_size * opts.window * d;
+    if S::len(p.queries) != qn {
+        return Err(Error::invalid(
+            "queries",
+            format!(
+                "{} elements, expected batch * kv_heads * group_size * window * head_dim = {qn}",
+                S::len(p.queries)
+            ),
+        ));
+    }
+    Ok(Shape {
+        segments,
+        rows,
+        rows_per_sequence: p.kv_heads * g,
+        group: p.group_size,
+        q: p.q_len,
+        n: p.q_len - opts.window,
+        window: opts.window,
+        head_dim: d,
+    })
+}
+
+/// The budgets the host knows before launch (`None` for AdaKV), validated.
+fn check_budgets(shape: &Shape, budgets: &Budgets<'_>) -> Result<Option<Vec<u32>>> {
+    match *budgets {
+        Budgets::PerRow(b) => {
+            if b.len() != shape.rows {
+                return Err(Error::invalid(
+                    "budgets",
+                    format!("{} budgets for {} score rows", b.len(), shape.rows),
+                ));
+            }
+            for (i, &x) in b.iter().enumerate() {
+                if (x as usize) < shape.window {
+                    return Err(Error::invalid(
+                        format!("budgets[{i}]"),
+                        format!("{x} is below the window {} (budgets include the window)", shape.window),
+                    ));
+                }
+            }
+            Ok(Some(b.to_vec()))
+        }
+        Budgets::AdaKv { base, floor_alpha } => {
+            if (base as usize) < shape.window {
+                return Err(Error::invalid(
+                    "budgets.base",
+                    format!("{base} is below the window {} (budgets include the window)", shape.window),
+                ));
+            }
+            if !(0.0..=1.0).contains(&floor_alpha) {
+                return Err(Error::invalid(
+                    "budgets.floor_alpha",
+                    format!("{floor_alpha} is outside [0, 1]"),
+                ));
+            }
+            let bp = base as u64 - shape.window as u64;
+            if (shape.rows_per_sequence as u64).saturating_mul(bp) > MAX_ROWS {
+                return Err(Error::invalid(
+                    "budgets.base",
+                    format!("rows * (base - window) exceeds {MAX_ROWS}"),
+                ));
+            }
+            Ok(None)
+        }
+    }
+}
+
+/// The scoring passes' chunk: enough blocks to fill `sm_count` SMs, whole tiles.
+fn plan_chunk(shape: &Shape, sm_count: usize, forced: Option<u32>) -> Result<usize> {
+    if let Some(c) = forced {
+        if c == 0 {
+            return Err(Error::invalid("chunk_tokens", "must be at least 1"));
+        }
+        if shape.q.div_ceil(c as usize) > 65535 {
+            return Err(Error::invalid("chunk_tokens", format!("{c} gives more than 65535 chunks")));
+        }
+        return Ok(c as usize);
+    }
+    let tile = 8192 / shape.head_dim;
+    let tiles = shape.q.div_ceil(tile);
+    let want = (sm_count.max(1) * BLOCKS_PER_SM).div_ceil(shape.segments).clamp(1, tiles);
+    Ok(tiles.div_ceil(want) * tile)
+}
+
+/// Compresses one layer's prompt into a new cache of `Full` segments (see the [module
+/// docs](self)). Errors before any launch: shapes and buffer lengths, `window` outside
+/// `1..=q`, an even `pool_kernel`, budgets below the window or of the wrong count, AdaKV
+/// `floor_alpha` outside [0, 1], a zero or non-finite scale, misaligned buffers.
+pub fn compress<S: Store, T: KvElem>(
+    store: &S,
+    prompt: &Prompt<'_, S, T>,
+    budgets: Budgets<'_>,
+    opts: &SelectOptions,
+    ws: &mut SelectWorkspace<S>,
+) -> Result<LayerCache<S, T>> {
+    let shape = check_prompt(prompt, opts)?;
+    let known = check_budgets(&shape, &budgets)?;
+    let kept = score_and_select(store, prompt, &shape, &budgets, known.as_deref(), opts, ws)?;
+    let mut segments = Vec::with_capacity(shape.rows);
+    let mut offset: u64 = 0;
+    for &count in &kept {
+        let capacity = u64::from(count) + u64::from(opts.headroom);
+        if offset + capacity > MAX_ROWS {
+            return Err(Error::invalid("headroom", format!("the compressed layer exceeds {MAX_ROWS} rows")));
+        }
+        segments.push(Segment::full(offset as u32, capacity as u32, count));
+        offset += capacity;
+    }
+    let layout = LayerLayout::new(prompt.batch, shape.rows_per_sequence, offset, segments)?;
+    let mut cache = LayerCache::new(store, layout, shape.head_dim)?;
+    gather(prompt, &shape, opts, ws, &mut cache)?;
+    Ok(cache)
+}
+
+/// [`compress`] into an existing cache (e.g. engine memory wrapped with
+/// [`LayerCache::from_parts`]) whose layout has one `Full` segment per score row, each with
+/// capacity for its kept tokens (`min(budget, q)`); their `len` is set to that count, other
+/// layout fields are kept. With AdaKV the counts are known only after scoring: a segment too
+/// small for its count is an error before the gather.
+pub fn compress_into<S: Store, T: KvElem>(
+    dest: &mut LayerCache<S, T>,
+    prompt: &Prompt<'_, S, T>,
+    budgets: Budgets<'_>,
+    opts: &SelectOptions,
+    ws: &mut SelectWorkspace<S>,
+) -> Result<()> {
+    let shape = check_prompt(prompt, opts)?;
+    if dest.head_dim() != shape.head_dim {
+        return Err(Error::invalid(
+            "dest.head_dim",
+            format!("{} differs from the prompt's {}", dest.head_dim(), shape.head_dim),
+        ));
+    }
+    let l = dest.layout();
+    if l.batch() != prompt.batch || l.kv_heads() != shape.rows_per_sequence {
+        return Err(Error::invalid(
+            "dest.layout",
+            format!(
+                "{} x {} segments, expected batch {} x {} score rows per sequence",
+                l.batch(),
+                l.kv_heads(),
+                prompt.batch,
+                shape.rows_per_sequence
+            ),
+        ));
+    }
+    if let Some(i) = l.segments().iter().position(|s| !s.is_full()) {
+        return Err(Error::invalid(format!("dest.segments[{i}].mode"), "must be Full"));
+    }
+    let known = check_budgets(&shape, &budgets)?;
+    if let Some(b) = &known {
+        check_capacity(l, b.iter().map(|&x| (x as usize).min(shape.q) as u32))?;
+    }
+    let store = dest.store().clone();
+    let kept = score_and_select(&store, prompt, &shape, &budgets, known.as_deref(), opts, ws)?;
+    check_capacity(dest.layout(), kept.iter().copied())?;
+    let segments =
+        dest.layout().segments().iter().zip(&kept).map(|(s, &len)| Segment { len, ..*s }).collect();
+    let layout =
+        LayerLayout::new(prompt.batch, shape.rows_per_sequence, dest.layout().total_rows() as u64, segments)?;
+    dest.set_layout(layout)?;
+    gather(prompt, &shape, opts, ws, dest)
+}
+
+fn check_capacity(layout: &LayerLayout, counts: impl Iterator<Item = u32>) -> Result<()> {
+    for (i, (s, c)) in layout.segments().iter().zip(counts).enumerate() {
+        if c > s.capacity {
+            return Err(Error::invalid(
+                format!("dest.segments[{i}].capacity"),
+                format!("{} is below the {c} tokens the row keeps", s.capacity),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn base_params(shape: &Shape, opts: &SelectOptions, chunk: usize) -> Result<HwSelectParams> {
+    let scale = opts.scale.unwrap_or(1.0 / (shape.head_dim as f32).sqrt());
+    if !(scale * std::f32::consts::LOG2_E).is_finite() || scale == 0.0 {
+        return Err(Error::invalid(
+            "scale",
+            format!("{scale} must be nonzero with |scale| * log2(e) finite"),
+        ));
+    }
+    let null = std::ptr::null_mut();
+    Ok(HwSelectParams {
+        k: null,
+        v: null,
+        queries: null,
+        stats: null as *mut f32,
+        final_stats: null as *mut f32,
+        scores: null as *mut f32,
+        keys: null as *mut u32,
+        budgets: null as *mut i32,
+        kept: null as *mut i32,
+        k_cache: null,
+        v_cache: null,
+        seg: HwSegmentTable {
+            offset: std::ptr::null(),
+            capacity: std::ptr::null(),
+            len: null as *mut i32,
+            sink: std::ptr::null(),
+            ring_head: null as *mut i32,
+            mode: std::ptr::null(),
+            num_segments: 0,
+        },
+        num_segments: shape.segments as i32,
+        group_size: shape.group as i32,
+        head_dim: shape.head_dim as i32,
+        q_len: shape.q as i32,
+        window: shape.window as i32,
+        pool_kernel: opts.pool_kernel as i32,
+        pool_mode: match opts.pool {
+            Pool::Max => HW_POOL_MAX,
+            Pool::Avg => HW_POOL_AVG,
+        } as i32,
+        gqa_mode: match opts.gqa {
+            GqaReduce::Mean => HW_GQA_MEAN,
+            GqaReduce::Max => HW_GQA_MAX,
+        } as i32,
+        per_query_head: (opts.granularity == Granularity::QueryHead) as i32,
+        chunk_tokens: chunk as i32,
+        splits: shape.q.div_ceil(chunk) as i32,
+        scale_log2: scale * std::f32::consts::LOG2_E,
+        rows_per_sequence: shape.rows_per_sequence as i32,
+        adakv_prefix_budget: 0,
+        adakv_floor: 0,
+        adakv_keep: 1.0,
+    })
+}
+
+/// Runs every pass up to the selection; returns the kept count per row.
+fn score_and_select<S: Store, T: KvElem>(
+    store: &S,
+    prompt: &Prompt<'_, S, T>,
+    shape: &Shape,
+    budgets: &Budgets<'_>,
+    known: Option<&[u32]>,
+    opts: &SelectOptions,
+    ws: &mut SelectWorkspace<S>,
+) -> Result<Vec<u32>> {
+    let chunk = plan_chunk(shape, store.sm_count(), opts.chunk_tokens)?;
+    let mut params = base_params(shape, opts, chunk)?;
+    let (rows, n, q) = (shape.rows, shape.n, shape.q);
+    let qrows = shape.segments * shape.group * shape.window;
+    ensure(store, &mut ws.stats, qrows * params.splits as usize * 2)?;
+    ensure(store, &mut ws.final_stats, qrows * 2)?;
+    ensure(store, &mut ws.scores, rows * n)?;
+    ensure(store, &mut ws.keys, rows * n)?;
+    ensure(store, &mut ws.kept, rows * q)?;
+    ws.last = None;
+    let budget_buf = match known {
+        Some(b) => {
+            let b: Vec<i32> = b.iter().map(|&x| x.min(i32::MAX as u32) as i32).collect();
+            store.upload(&b)?
+        }
+        None => store.zeros(rows)?,
+    };
+    ws.budgets = Some(budget_buf);
+    if let Budgets::AdaKv { base, floor_alpha } = *budgets {
+        let bp = base as usize - shape.window;
+        params.adakv_prefix_budget = bp as i32;
+        // As the authors' torch code: floor(alpha * Bp) on Python floats, the (1 - alpha) factor
+        // as an f32 tensor scalar.
+        params.adakv_floor = (f64::from(floor_alpha) * bp as f64).floor() as i32;
+        params.adakv_keep = (1.0 - f64::from(floor_alpha)) as f32;
+    }
+
+    let dt = T::DTYPE.name();
+    let d = shape.head_dim;
+    let stats_k = lookup(&format!("hw_select_stats_{dt}_d{d}"), "head_dim")?;
+    let score_k = lookup(&format!("hw_select_score_{dt}_d{d}"), "head_dim")?;
+    let merge_k = lookup("hw_select_stats_merge", "kernel")?;
+    let pool_k = lookup("hw_select_pool", "kernel")?;
+    let adakv_k = lookup("hw_select_adakv", "kernel")?;
+    let topk_k = lookup("hw_select_topk", "kernel")?;
+    {
+        let mut pins = S::Pins::default();
+        params.k = store.addr(prompt.k, &mut pins) as *const _;
+        params.v = store.addr(prompt.v, &mut pins) as *const _;
+        params.queries = store.addr(prompt.queries, &mut pins) as *const _;
+        params.stats = store.addr_mut(ws.stats.as_mut().expect("ensured"), &mut pins) as *mut f32;
+        params.final_stats = store.addr_mut(ws.final_stats.as_mut().expect("ensured"), &mut pins) as *mut f32;
+        params.scores = store.addr_mut(ws.scores.as_mut().expect("ensured"), &mut pins) as *mut f32;
+        params.keys = store.addr_mut(ws.keys.as_mut().expect("ensured"), &mut pins) as *mut u32;
+        params.budgets = store.addr_mut(ws.budgets.as_mut().expect("set"), &mut pins) as *mut i32;
+        params.kept = store.addr_mut(ws.kept.as_mut().expect("ensured"), &mut pins) as *mut i32;
+        check_aligned("k", params.k as u64)?;
+        check_aligned("v", params.v as u64)?;
+        check_aligned("queries", params.queries as u64)?;
+
+        let tiles = HwLaunch { grid_y: params.splits as u32, ..launch_1d(shape.segments, TILE_THREADS, 0) };
+        // SAFETY (all launches below): every address comes from this store, pinned until the
+        // end of this block. check_prompt validated the prompt buffers' lengths against
+        // segments, q, G, W and head_dim, and bounded every product by int32 rows; the workspace
+        // buffers were sized above from the same shape (stats: query rows * splits, scores and
+        // keys: rows * n, kept: rows * q, budgets: rows). Budgets are >= window (checked on the
+        // host, or written by the adakv kernel as count + window), so the selection writes
+        // min(budget, q) <= q positions per row.
+        unsafe { store.launch(stats_k, &tiles, &params)? };
+        let merge = launch_1d(qrows.div_ceil(ELEMENTWISE_THREADS as usize), ELEMENTWISE_THREADS, 0);
+        unsafe { store.launch(merge_k, &merge, &params)? };
+        if n > 0 {
+            unsafe { store.launch(score_k, &tiles, &params)? };
+            let pool = launch_1d((rows * n).div_ceil(ELEMENTWISE_THREADS as usize), ELEMENTWISE_THREADS, 0);
+            unsafe { store.launch(pool_k, &pool, &params)? };
+        }
+        if known.is_none() {
+            unsafe { store.launch(adakv_k, &launch_1d(prompt.batch, TOP_THREADS, 0), &params)? };
+        }
+        unsafe { store.launch(topk_k, &launch_1d(rows, TOP_THREADS, 0), &params)? };
+        drop(pins);
+    }
+    ws.last = Some((rows, n, q));
+    let counts: Vec<u32> = match known {
+        Some(b) => b.iter().map(|&x| (x as usize).min(q) as u32).collect(),
+        None => store
+            .download(ws.budgets.as_ref().expect("set"))?
+            .iter()
+            .map(|&x| (x.max(0) as usize).min(q) as u32)
+            .collect(),
+    };
+    Ok(counts)
+}
+
+/// Copies the kept rows of the last selection in `ws` into `dest` (its layout already holds the
+/// counts as segment lengths).
+fn gather<S: Store, T: KvElem>(
+    prompt: &Prompt<'_, S, T>,
+    shape: &Shape,
+    opts: &SelectOptions,
+    ws: &mut SelectWorkspace<S>,
+    dest: &mut LayerCache<S, T>,
+) -> Result<()> {
+    let max_len = dest.layout().segments().iter().map(|s| s.len as usize).max().unwrap_or(0);
+    if max_len == 0 {
+        return Ok(());
+    }
+    let mut params = base_params(shape, opts, shape.q)?;
+    let kernel = lookup(&format!("hw_select_gather_d{}", shape.head_dim), "head_dim")?;
+    let rows = dest.layout().segments().len();
+    let (store, k_cache, v_cache, table) = dest.parts_mut();
+    let mut pins = S::Pins::default();
+    params.k = store.addr(prompt.k, &mut pins) as *const _;
+    params.v = store.addr(prompt.v, &mut pins) as *const _;
+    params.kept = store.addr_mut(ws.kept.as_mut().expect("set by score_and_select"), &mut pins) as *mut i32;
+    params.k_cache = store.addr_mut(k_cache, &mut pins) as *mut _;
+    params.v_cache = store.addr_mut(v_cache, &mut pins) as *mut _;
+    params.seg = DeviceTable::params(store.addr_mut(table, &mut pins), rows);
+    let y = max_len.div_ceil(GATHER_ROWS_PER_BLOCK).min(65535) as u32;
+    let cfg = HwLaunch { grid_y: y, ..launch_1d(rows, TILE_THREADS, 0) };
+    // SAFETY: addresses from this store, pinned. Row r of segment s reads kept[s][r] (r < len <=
+    // q, written by the topk kernel of the same shape: positions < q of source segment s or s / G,
+    // inside the validated prompt) and writes row r of a validated Full segment with len <=
+    // capacity.
+    unsafe { store.launch(kernel, &cfg, &params)? };
+    drop(pins);
+    Ok(())
+}
