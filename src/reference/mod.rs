@@ -4,6 +4,8 @@
 use crate::error::{Error, Result};
 use crate::layout::LayerLayout;
 
+pub mod rkv;
+
 /// Appends one token per segment to host copies of the K/V buffers, exactly as
 /// [`crate::LayerCache::append`] specifies: `k`/`v` are `[total_rows][head_dim]`,
 /// `k_new`/`v_new` are `[num_segments][head_dim]`. Updates `layout`.
