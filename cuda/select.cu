@@ -27,90 +27,29 @@
 #include "dtype.cuh"
 #include "params.h"
 #include "segment.cuh"
+#include "tile.cuh"
+#include "topk.cuh"
 #include "vec.cuh"
 
 namespace hw {
 
 constexpr int kSelWarps = 4;
 constexpr int kSelThreads = 32 * kSelWarps;
-constexpr int kSlabRows = 32;      // query rows per WMMA slab (two 16-row fragments)
-constexpr int kTopThreads = 256;   // pool, adakv and topk blocks
-constexpr int kTopWarps = kTopThreads / 32;
 constexpr int kMaxGroup = 16;
-
-// Keys per tile: a 16 KB K tile for every head_dim, so the static shared memory of the score
-// kernel (Q slab + K tile + logits + per-head sums) stays under the 48 KB default.
-template <int D>
-struct SelTile {
-    static constexpr int TOK = 8192 / D;
-};
-
-// Folds the online-softmax state (m2, l2) into (m, l): base-2 logits, l = sum of exp2(x - m).
-// An empty state is (-inf, 0); a NaN logit makes l NaN, and NaN must survive every fold.
-__device__ __forceinline__ void merge_softmax(float& m, float& l, float m2, float l2) {
-    const float mn = fmaxf(m, m2);
-    if (mn == -INFINITY) {
-        l += l2;  // exp2(-inf - -inf) would be NaN: both sides are empty (0) or NaN
-        return;
-    }
-    l = l * exp2f(m - mn) + l2 * exp2f(m2 - mn);
-    m = mn;
-}
-
-// Larger score -> larger key; NaN -> 0, below every number (-inf included).
-__device__ __forceinline__ uint32_t order_key(float x) {
-    if (x != x) return 0u;
-    const uint32_t b = __float_as_uint(x);
-    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
-}
 
 // Stages rows r0 .. r0 + kSlabRows of the segment's window queries (zeros past the last row).
 template <typename T, int D>
 __device__ void load_query_slab(const HwSelectParams& p, int32_t s, int r0, T* q_s) {
-    constexpr int VPR = D / kElemsPerVec;
     const int R = p.group_size * p.window;
-    for (int v = threadIdx.x; v < kSlabRows * VPR; v += kSelThreads) {
-        const int r = v / VPR, c = v % VPR;
-        uint4 val = make_uint4(0, 0, 0, 0);
-        if (r0 + r < R) val = row_vec(p.queries, int64_t(s) * R + r0 + r, D)[c];
-        reinterpret_cast<uint4*>(q_s)[v] = val;
-    }
+    const int64_t first = int64_t(s) * R + r0;
+    stage_rows<D, kSlabRows, kSelThreads>(p.queries, R - r0, [&](int r) { return first + r; }, q_s);
 }
 
 // Stages the keys t0 .. t_end of segment s (zeros past t_end; their logits are masked).
 template <typename T, int D>
 __device__ void load_key_tile(const HwSelectParams& p, int32_t s, int32_t t0, int32_t t_end, T* k_s) {
-    constexpr int VPR = D / kElemsPerVec;
-    constexpr int TOK = SelTile<D>::TOK;
-    for (int v = threadIdx.x; v < TOK * VPR; v += kSelThreads) {
-        const int r = v / VPR, c = v % VPR;
-        uint4 val = make_uint4(0, 0, 0, 0);
-        if (t0 + r < t_end) val = row_vec(p.k, int64_t(s) * p.q_len + t0 + r, D)[c];
-        reinterpret_cast<uint4*>(k_s)[v] = val;
-    }
-}
-
-// logit_s[r][t] = q_s[r] . k_s[t] (unscaled) for a slab of kSlabRows queries and a tile of TOK
-// keys: A = Q (row-major, ldm D), B = K^T, i.e. the K tile read column-major with ldm D.
-template <typename T, int D>
-__device__ void slab_logits(const T* q_s, const T* k_s, float* logit_s) {
-    using namespace nvcuda;
-    constexpr int TOK = SelTile<D>::TOK;
-    constexpr int MT = kSlabRows / 16, NT = TOK / 16;
-    const int warp = threadIdx.x / 32;
-    for (int tile = warp; tile < MT * NT; tile += kSelWarps) {
-        const int mi = tile % MT, ni = tile / MT;
-        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-        wmma::fill_fragment(acc, 0.0f);
-        for (int kk = 0; kk < D; kk += 16) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
-            wmma::load_matrix_sync(a, q_s + mi * 16 * D + kk, D);
-            wmma::load_matrix_sync(b, k_s + ni * 16 * D + kk, D);
-            wmma::mma_sync(acc, a, b, acc);
-        }
-        wmma::store_matrix_sync(logit_s + mi * 16 * TOK + ni * 16, acc, TOK, wmma::mem_row_major);
-    }
+    const int64_t first = int64_t(s) * p.q_len + t0;
+    stage_rows<D, KeyTile<D>::TOK, kSelThreads>(p.k, t_end - t0, [&](int r) { return first + r; }, k_s);
 }
 
 // Tokens [begin, end) of split `split` over `limit` tokens; false when the split is empty.
@@ -125,7 +64,7 @@ __device__ __forceinline__ bool split_range(const HwSelectParams& p, int32_t lim
 
 template <typename T, int D>
 __device__ void select_stats_body(const HwSelectParams& p) {
-    constexpr int TOK = SelTile<D>::TOK;
+    constexpr int TOK = KeyTile<D>::TOK;
     constexpr int kThreadsPerRow = kSelThreads / kSlabRows;
     __shared__ __align__(32) T q_s[kSlabRows * D];
     __shared__ __align__(32) T k_s[TOK * D];
@@ -152,7 +91,7 @@ __device__ void select_stats_body(const HwSelectParams& p) {
             if (r0 > 0) __syncthreads();
             if (!one_slab || t0 == begin) load_query_slab<T, D>(p, s, r0, q_s);
             __syncthreads();
-            slab_logits<T, D>(q_s, k_s, logit_s);
+            slab_logits<T, D, kSelWarps>(q_s, k_s, logit_s);
             __syncthreads();
             const int rr = r0 + row;
             float m = -INFINITY, l = 0.0f;
@@ -200,7 +139,7 @@ __device__ void select_stats_merge_body(const HwSelectParams& p) {
 
 template <typename T, int D>
 __device__ void select_score_body(const HwSelectParams& p) {
-    constexpr int TOK = SelTile<D>::TOK;
+    constexpr int TOK = KeyTile<D>::TOK;
     __shared__ __align__(32) T q_s[kSlabRows * D];
     __shared__ __align__(32) T k_s[TOK * D];
     __shared__ __align__(32) float logit_s[kSlabRows * TOK];
@@ -233,7 +172,7 @@ __device__ void select_score_body(const HwSelectParams& p) {
                 }
             }
             __syncthreads();
-            slab_logits<T, D>(q_s, k_s, logit_s);
+            slab_logits<T, D, kSelWarps>(q_s, k_s, logit_s);
             __syncthreads();
             // Thread c owns token column c of acc_s, so the sums need no atomics and run in row
             // order: the same result on every run. Every window query sees every prefix key.
@@ -286,90 +225,6 @@ __device__ void select_pool_body(const HwSelectParams& p) {
         v /= float(p.pool_kernel);
     }
     p.keys[idx] = order_key(v);
-}
-
-// Block-wide exclusive prefix sum over kTopThreads threads; `total` gets the block's sum.
-__device__ uint32_t block_exclusive_scan(uint32_t v, uint32_t& total) {
-    __shared__ uint32_t warp_sum[kTopWarps];
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    uint32_t x = v;
-#pragma unroll
-    for (int off = 1; off < 32; off <<= 1) {
-        const uint32_t y = __shfl_up_sync(0xffffffffu, x, off);
-        if (lane >= off) x += y;
-    }
-    if (lane == 31) warp_sum[warp] = x;
-    __syncthreads();
-    uint32_t before = 0, tot = 0;
-    for (int w = 0; w < kTopWarps; ++w) {
-        const uint32_t u = warp_sum[w];
-        if (w < warp) before += u;
-        tot += u;
-    }
-    __syncthreads();  // warp_sum is rewritten by the next call
-    total = tot;
-    return before + x - v;
-}
-
-struct Threshold {
-    uint32_t key;     // the k-th largest key
-    int64_t take_eq;  // how many keys equal to `key` are selected (the lowest indices)
-};
-
-// The k-th largest of keys[0 .. N) (1 <= k <= N), block-wide: MSB-first radix select with
-// 8-bit digits. Each pass filters the keys that match the digits chosen so far and builds the
-// next digit's histogram in the same sweep; the keys stay in global memory (L2), so N is not
-// bounded by shared memory. Exactly k - take_eq keys are greater than the threshold.
-__device__ Threshold radix_threshold(const uint32_t* keys, int64_t N, int64_t k) {
-    __shared__ uint32_t hist[256];
-    __shared__ uint32_t chosen_digit;
-    __shared__ int64_t chosen_rem;
-    uint32_t prefix = 0, mask = 0;
-    int64_t rem = k;
-    for (int shift = 24; shift >= 0; shift -= 8) {
-        for (int i = threadIdx.x; i < 256; i += kTopThreads) hist[i] = 0;
-        __syncthreads();
-        for (int64_t i = threadIdx.x; i < N; i += kTopThreads) {
-            const uint32_t key = keys[i];
-            if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
-        }
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            // Walk down from the top digit until the bucket holding the rem-th largest key.
-            int64_t r = rem;
-            int d = 255;
-            for (; d > 0; --d) {
-                if (int64_t(hist[d]) >= r) break;
-                r -= hist[d];
-            }
-            chosen_digit = uint32_t(d);
-            chosen_rem = r;
-        }
-        __syncthreads();
-        prefix |= chosen_digit << shift;
-        mask |= 255u << shift;
-        rem = chosen_rem;
-        // No barrier needed here: chosen_* are rewritten only after two more barriers.
-    }
-    return Threshold{prefix, rem};
-}
-
-// Writes the selected indices of keys[0 .. N) to out in ascending order: every key above the
-// threshold and the first take_eq keys equal to it. One packed scan per tile: the high half
-// counts keys above, the low half keys equal (a tile has at most 256 of each).
-__device__ void write_selected(const uint32_t* keys, int64_t N, Threshold th, int32_t* out) {
-    int64_t gt_carry = 0, eq_carry = 0;
-    for (int64_t base = 0; base < N; base += kTopThreads) {
-        const int64_t t = base + threadIdx.x;
-        const uint32_t key = t < N ? keys[t] : 0u;
-        const bool gt = t < N && key > th.key, eq = t < N && key == th.key;
-        uint32_t total;
-        const uint32_t ex = block_exclusive_scan((uint32_t(gt) << 16) | uint32_t(eq), total);
-        const int64_t g_before = gt_carry + (ex >> 16), e_before = eq_carry + (ex & 0xffffu);
-        if (gt || (eq && e_before < th.take_eq)) out[g_before + min(e_before, th.take_eq)] = int32_t(t);
-        gt_carry += total >> 16;
-        eq_carry += total & 0xffffu;
-    }
 }
 
 // One block per score row: keep min(budget, q) positions, ascending.

@@ -156,7 +156,8 @@ pub fn snapkv_scores<T: crate::KvElem>(
 /// prefix tokens (ties: the lower position wins) and the `window` window tokens, in position
 /// order. A budget of at least `q = scores.len() + window` keeps all `q`. NaN scores rank below
 /// every number, `-inf` included (a NaN token is kept only when the budget leaves no better
-/// choice); this is the order of the kernels' keys (`order_key` in cuda/select.cu).
+/// choice), and `-0.0` ties with `0.0`: the order of the kernels' keys (`order_key` in
+/// cuda/topk.cuh).
 pub fn select_positions(scores: &[f64], window: usize, budget: usize) -> Vec<usize> {
     let n = scores.len();
     if budget >= n + window {
@@ -170,13 +171,14 @@ pub fn select_positions(scores: &[f64], window: usize, budget: usize) -> Vec<usi
     kept
 }
 
-/// Score order of the selections: NaN below everything, otherwise IEEE total order.
-fn rank_cmp(a: f64, b: f64) -> std::cmp::Ordering {
+/// Score order of the selections: NaN below everything (`-inf` included), numbers by value
+/// (`-0.0 == 0.0`, a tie). The kernels' keys (`order_key` in cuda/topk.cuh) order the same way.
+pub(crate) fn rank_cmp(a: f64, b: f64) -> std::cmp::Ordering {
     match (a.is_nan(), b.is_nan()) {
         (true, true) => std::cmp::Ordering::Equal,
         (true, false) => std::cmp::Ordering::Less,
         (false, true) => std::cmp::Ordering::Greater,
-        (false, false) => a.total_cmp(&b),
+        (false, false) => a.partial_cmp(&b).expect("neither is NaN"),
     }
 }
 

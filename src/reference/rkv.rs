@@ -55,8 +55,6 @@
 //! `retain_ratio` in the authors' code only matters for the `*_percent` retain directions; the
 //! default direction (`"last"`, the only one here) ignores it.
 
-use std::cmp::Ordering;
-
 use crate::KvElem;
 use crate::error::{Error, Result};
 use crate::layout::{LayerLayout, SegmentMode};
@@ -282,17 +280,6 @@ pub fn rkv_scores<T: KvElem>(
     a.iter().zip(&r).map(|(a, r)| opts.lambda * a - (1.0 - opts.lambda) * r).collect()
 }
 
-/// `Greater` when score `a` ranks above score `b`: numbers by value (`-0.0 == 0.0`, `-inf`
-/// lowest), and NaN strictly below every number, `-inf` included.
-fn rank(a: f64, b: f64) -> Ordering {
-    match (a.is_nan(), b.is_nan()) {
-        (true, true) => Ordering::Equal,
-        (true, false) => Ordering::Less,
-        (false, true) => Ordering::Greater,
-        (false, false) => a.partial_cmp(&b).expect("neither is NaN"),
-    }
-}
-
 /// The positions a segment keeps, in increasing order.
 ///
 /// `scores`: the `n` candidates' scores ([`rkv_scores`]), for positions `0 .. n`; the window is
@@ -301,23 +288,13 @@ fn rank(a: f64, b: f64) -> Ordering {
 /// position first; NaN ranks strictly below every number, `-inf` included), then all `window`
 /// window positions: exactly `budget` positions.
 ///
-/// This differs from [`super::select_positions`] only in NaN handling: that one maps NaN to
-/// `-inf`, so a NaN at a lower position beats a `-inf` at a higher one.
+/// The same rule as the prefill selection, [`super::select_positions`].
 ///
 /// # Panics
 /// When `budget < window` (the window alone would exceed the budget).
 pub fn rkv_select(scores: &[f64], window: usize, budget: usize) -> Vec<usize> {
     assert!(budget >= window, "budget {budget} below window {window}");
-    let n = scores.len();
-    if n + window <= budget {
-        return (0..n + window).collect();
-    }
-    let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by(|&a, &b| rank(scores[b], scores[a]).then(a.cmp(&b)));
-    let mut kept = order[..budget - window].to_vec();
-    kept.sort_unstable();
-    kept.extend(n..n + window);
-    kept
+    super::select_positions(scores, window, budget)
 }
 
 /// A layer's rolling buffer of the last `alpha` queries of every query head (host twin of the
