@@ -151,6 +151,57 @@ typedef struct HwSelectParams {
     float adakv_keep;
 } HwSelectParams;
 
+/* One R-KV eviction step for one layer (SPEC section 4), cuda/redundancy.cu. The host picks
+ * the target segments (Full, len > budget) and passes their indices; kernel block x serves
+ * targets[x]. Per target t with L = seg.len[targets[t]] tokens, n = L - alpha candidates:
+ *   importance:  [num_targets][max_len] f32, mean attention of the last queries (before pooling)
+ *   inv_norm:    [num_targets][max_len] f32, 1 / (||k_i|| + 1e-8)
+ *   col_partial: [num_targets][row_tiles][max_len] f32, row_tiles = ceil(max_len / 32): per
+ *                32-row tile, the column sums of the similarity matrix S (diagonal and each
+ *                row's forgiven entry excluded)
+ *   col_mean:    [num_targets][max_len] f32, mean_i S[i][j]
+ *   keys:        [num_targets][max_len] u32, order-preserving keys of the candidates' scores
+ *   kept:        [num_targets][budget] i32, kept positions, ascending
+ * ring: the query ring, [num_segments * group_size][alpha][head_dim] (KV dtype); slots
+ * 0 .. ring_count are valid (a ring fills slots in order and only wraps once full, and the
+ * importance does not depend on the order of the queries). Compaction rewrites rows 0 .. budget
+ * of each target in place and sets its len to budget. */
+typedef struct HwRkvParams {
+    void* k_cache;
+    void* v_cache;
+    HwSegmentTable seg;
+    const int32_t* targets;
+    int32_t num_targets;
+    const void* ring;
+    int32_t ring_count;
+    int32_t group_size;
+    int32_t head_dim;
+    int32_t alpha;
+    int32_t budget;
+    int32_t pool_kernel;
+    int32_t max_len;
+    int32_t fidelity_quirk;
+    float lambda;
+    float scale_log2;
+    float* importance;
+    float* inv_norm;
+    float* col_partial;
+    float* col_mean;
+    uint32_t* keys;
+    int32_t* kept;
+} HwRkvParams;
+
+/* Push one decode step's queries into the ring: q is [heads][head_dim] (KV dtype); head h's
+ * query goes to slot `slot` of ring [heads][alpha][head_dim]. */
+typedef struct HwQueryPushParams {
+    void* ring;
+    const void* q;
+    int32_t heads;
+    int32_t head_dim;
+    int32_t alpha;
+    int32_t slot;
+} HwQueryPushParams;
+
 /* Launch geometry handed to the emulator (the GPU path passes the same numbers to the driver). */
 typedef struct HwLaunch {
     uint32_t grid_x, grid_y, grid_z;

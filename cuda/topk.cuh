@@ -19,7 +19,7 @@ __device__ __forceinline__ uint32_t order_key(float x) {
 }
 
 // Block-wide exclusive prefix sum over kTopThreads threads; `total` gets the block's sum.
-__device__ uint32_t block_exclusive_scan(uint32_t v, uint32_t& total) {
+__device__ inline uint32_t block_exclusive_scan(uint32_t v, uint32_t& total) {
     __shared__ uint32_t warp_sum[kTopWarps];
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     uint32_t x = v;
@@ -50,7 +50,7 @@ struct Threshold {
 // 8-bit digits. Each pass filters the keys that match the digits chosen so far and builds the
 // next digit's histogram in the same sweep; the keys stay in global memory (L2), so N is not
 // bounded by shared memory. Exactly k - take_eq keys are greater than the threshold.
-__device__ Threshold radix_threshold(const uint32_t* keys, int64_t N, int64_t k) {
+__device__ inline Threshold radix_threshold(const uint32_t* keys, int64_t N, int64_t k) {
     __shared__ uint32_t hist[256];
     __shared__ uint32_t chosen_digit;
     __shared__ int64_t chosen_rem;
@@ -87,7 +87,7 @@ __device__ Threshold radix_threshold(const uint32_t* keys, int64_t N, int64_t k)
 // Writes the selected indices of keys[0 .. N) to out in ascending order: every key above the
 // threshold and the first take_eq keys equal to it. One packed scan per tile: the high half
 // counts keys above, the low half keys equal (a tile has at most 256 of each).
-__device__ void write_selected(const uint32_t* keys, int64_t N, Threshold th, int32_t* out) {
+__device__ inline void write_selected(const uint32_t* keys, int64_t N, Threshold th, int32_t* out) {
     int64_t gt_carry = 0, eq_carry = 0;
     for (int64_t base = 0; base < N; base += kTopThreads) {
         const int64_t t = base + threadIdx.x;

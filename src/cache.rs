@@ -120,6 +120,12 @@ impl<S: Store, T: KvElem> LayerCache<S, T> {
         Ok(())
     }
 
+    /// Replaces the host layout after a kernel applied the same change to the device table.
+    pub(crate) fn set_host_layout(&mut self, layout: LayerLayout) {
+        debug_assert_eq!(layout.total_rows(), self.layout.total_rows());
+        self.layout = layout;
+    }
+
     /// Appends one token to every segment: `k_new`/`v_new` are `[num_segments][head_dim]`.
     /// `Full` segments write row `len`; `Streaming` segments fill their sinks, then their ring.
     ///

@@ -18,6 +18,7 @@ pub mod layout;
 #[rustfmt::skip]
 pub mod params;
 pub mod policy;
+pub mod redundancy;
 pub mod reference;
 pub mod select;
 #[doc(hidden)]

@@ -360,6 +360,156 @@ impl Default for HwSelectParams {
     }
 }
 #[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct HwRkvParams {
+    pub k_cache: *mut ::core::ffi::c_void,
+    pub v_cache: *mut ::core::ffi::c_void,
+    pub seg: HwSegmentTable,
+    pub targets: *const i32,
+    pub num_targets: i32,
+    pub ring: *const ::core::ffi::c_void,
+    pub ring_count: i32,
+    pub group_size: i32,
+    pub head_dim: i32,
+    pub alpha: i32,
+    pub budget: i32,
+    pub pool_kernel: i32,
+    pub max_len: i32,
+    pub fidelity_quirk: i32,
+    pub lambda: f32,
+    pub scale_log2: f32,
+    pub importance: *mut f32,
+    pub inv_norm: *mut f32,
+    pub col_partial: *mut f32,
+    pub col_mean: *mut f32,
+    pub keys: *mut u32,
+    pub kept: *mut i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of HwRkvParams"][::core::mem::size_of::<HwRkvParams>() - 184usize];
+    ["Alignment of HwRkvParams"][::core::mem::align_of::<HwRkvParams>() - 8usize];
+    [
+        "Offset of field: HwRkvParams::k_cache",
+    ][::core::mem::offset_of!(HwRkvParams, k_cache) - 0usize];
+    [
+        "Offset of field: HwRkvParams::v_cache",
+    ][::core::mem::offset_of!(HwRkvParams, v_cache) - 8usize];
+    [
+        "Offset of field: HwRkvParams::seg",
+    ][::core::mem::offset_of!(HwRkvParams, seg) - 16usize];
+    [
+        "Offset of field: HwRkvParams::targets",
+    ][::core::mem::offset_of!(HwRkvParams, targets) - 72usize];
+    [
+        "Offset of field: HwRkvParams::num_targets",
+    ][::core::mem::offset_of!(HwRkvParams, num_targets) - 80usize];
+    [
+        "Offset of field: HwRkvParams::ring",
+    ][::core::mem::offset_of!(HwRkvParams, ring) - 88usize];
+    [
+        "Offset of field: HwRkvParams::ring_count",
+    ][::core::mem::offset_of!(HwRkvParams, ring_count) - 96usize];
+    [
+        "Offset of field: HwRkvParams::group_size",
+    ][::core::mem::offset_of!(HwRkvParams, group_size) - 100usize];
+    [
+        "Offset of field: HwRkvParams::head_dim",
+    ][::core::mem::offset_of!(HwRkvParams, head_dim) - 104usize];
+    [
+        "Offset of field: HwRkvParams::alpha",
+    ][::core::mem::offset_of!(HwRkvParams, alpha) - 108usize];
+    [
+        "Offset of field: HwRkvParams::budget",
+    ][::core::mem::offset_of!(HwRkvParams, budget) - 112usize];
+    [
+        "Offset of field: HwRkvParams::pool_kernel",
+    ][::core::mem::offset_of!(HwRkvParams, pool_kernel) - 116usize];
+    [
+        "Offset of field: HwRkvParams::max_len",
+    ][::core::mem::offset_of!(HwRkvParams, max_len) - 120usize];
+    [
+        "Offset of field: HwRkvParams::fidelity_quirk",
+    ][::core::mem::offset_of!(HwRkvParams, fidelity_quirk) - 124usize];
+    [
+        "Offset of field: HwRkvParams::lambda",
+    ][::core::mem::offset_of!(HwRkvParams, lambda) - 128usize];
+    [
+        "Offset of field: HwRkvParams::scale_log2",
+    ][::core::mem::offset_of!(HwRkvParams, scale_log2) - 132usize];
+    [
+        "Offset of field: HwRkvParams::importance",
+    ][::core::mem::offset_of!(HwRkvParams, importance) - 136usize];
+    [
+        "Offset of field: HwRkvParams::inv_norm",
+    ][::core::mem::offset_of!(HwRkvParams, inv_norm) - 144usize];
+    [
+        "Offset of field: HwRkvParams::col_partial",
+    ][::core::mem::offset_of!(HwRkvParams, col_partial) - 152usize];
+    [
+        "Offset of field: HwRkvParams::col_mean",
+    ][::core::mem::offset_of!(HwRkvParams, col_mean) - 160usize];
+    [
+        "Offset of field: HwRkvParams::keys",
+    ][::core::mem::offset_of!(HwRkvParams, keys) - 168usize];
+    [
+        "Offset of field: HwRkvParams::kept",
+    ][::core::mem::offset_of!(HwRkvParams, kept) - 176usize];
+};
+impl Default for HwRkvParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct HwQueryPushParams {
+    pub ring: *mut ::core::ffi::c_void,
+    pub q: *const ::core::ffi::c_void,
+    pub heads: i32,
+    pub head_dim: i32,
+    pub alpha: i32,
+    pub slot: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of HwQueryPushParams"][::core::mem::size_of::<HwQueryPushParams>() - 32usize];
+    [
+        "Alignment of HwQueryPushParams",
+    ][::core::mem::align_of::<HwQueryPushParams>() - 8usize];
+    [
+        "Offset of field: HwQueryPushParams::ring",
+    ][::core::mem::offset_of!(HwQueryPushParams, ring) - 0usize];
+    [
+        "Offset of field: HwQueryPushParams::q",
+    ][::core::mem::offset_of!(HwQueryPushParams, q) - 8usize];
+    [
+        "Offset of field: HwQueryPushParams::heads",
+    ][::core::mem::offset_of!(HwQueryPushParams, heads) - 16usize];
+    [
+        "Offset of field: HwQueryPushParams::head_dim",
+    ][::core::mem::offset_of!(HwQueryPushParams, head_dim) - 20usize];
+    [
+        "Offset of field: HwQueryPushParams::alpha",
+    ][::core::mem::offset_of!(HwQueryPushParams, alpha) - 24usize];
+    [
+        "Offset of field: HwQueryPushParams::slot",
+    ][::core::mem::offset_of!(HwQueryPushParams, slot) - 28usize];
+};
+impl Default for HwQueryPushParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct HwLaunch {
     pub grid_x: u32,

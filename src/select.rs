@@ -40,7 +40,7 @@ use crate::layout::{DeviceTable, LayerLayout, MAX_ROWS, Segment};
 use crate::params::{
     HW_GQA_MAX, HW_GQA_MEAN, HW_POOL_AVG, HW_POOL_MAX, HwLaunch, HwSegmentTable, HwSelectParams,
 };
-use crate::store::{KernelParams, Store, check_aligned};
+use crate::store::{KernelParams, Store, check_aligned, ensure};
 
 // SAFETY: generated from cuda/params.h (repr(C) plain data); every kernel in cuda/select.cu
 // takes exactly this struct by value.
@@ -194,13 +194,6 @@ impl<S: Store> Default for SelectWorkspace<S> {
     }
 }
 
-fn ensure<S: Store, E: crate::store::Elem>(store: &S, buf: &mut Option<S::Buf<E>>, n: usize) -> Result<()> {
-    if buf.as_ref().is_none_or(|b| S::len(b) < n.max(1)) {
-        *buf = Some(store.zeros(n.max(1))?);
-    }
-    Ok(())
-}
-
 impl<S: Store> SelectWorkspace<S> {
     /// An empty workspace.
     pub fn new() -> Self {
@@ -232,8 +225,8 @@ impl<S: Store> SelectWorkspace<S> {
     }
 }
 
-/// Inverse of the kernels' order-preserving key (`order_key` in cuda/select.cu).
-fn key_to_score(key: u32) -> f32 {
+/// Inverse of the kernels' order-preserving key (`order_key` in cuda/topk.cuh; -0 reads as +0).
+pub(crate) fn key_to_score(key: u32) -> f32 {
     if key == 0 {
         f32::NAN
     } else if key & 0x8000_0000 != 0 {

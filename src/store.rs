@@ -69,3 +69,12 @@ pub(crate) fn check_aligned(field: &str, addr: u64) -> Result<()> {
         Err(crate::Error::invalid(field, format!("address {addr:#x} is not 16-byte aligned")))
     }
 }
+
+/// Makes `buf` hold at least `n` elements (at least 1), reallocating (zeroed) only when it is
+/// missing or too small: scratch buffers that a decode loop reuses across calls.
+pub(crate) fn ensure<S: Store, E: Elem>(store: &S, buf: &mut Option<S::Buf<E>>, n: usize) -> Result<()> {
+    if buf.as_ref().is_none_or(|b| S::len(b) < n.max(1)) {
+        *buf = Some(store.zeros(n.max(1))?);
+    }
+    Ok(())
+}

@@ -58,6 +58,7 @@
 use crate::KvElem;
 use crate::error::{Error, Result};
 use crate::layout::{LayerLayout, SegmentMode};
+pub use crate::redundancy::{RkvOptions, RkvTrigger};
 
 /// Cosine similarity a key pair must strictly exceed to count as redundant (`cal_similarity`'s
 /// `threshold`).
@@ -66,65 +67,6 @@ pub const SIMILARITY_THRESHOLD: f64 = 0.5;
 /// Added to each key's L2 norm before normalizing (`k / (||k|| + 1e-8)`), so a zero key has
 /// similarity 0 to everything instead of NaN.
 pub const NORM_EPS: f64 = 1e-8;
-
-/// Options of one R-KV step. Counts are tokens (rows).
-///
-/// There is no `Default`: the budget has no natural value. [`RkvOptions::new`] takes it and
-/// fills in the authors' defaults for everything else.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct RkvOptions {
-    /// Tokens a segment keeps after an eviction, window included. Must exceed `alpha`.
-    pub budget: usize,
-    /// Slack before the automatic trigger: a `Full` segment is compacted once
-    /// `len >= budget + buffer` (default 128), so evictions are amortized over `buffer` steps.
-    pub buffer: usize,
-    /// `num_recent_queries`: how many recent queries per query head score importance, and how
-    /// many of the newest tokens form the always-kept window (default 8, at least 1).
-    pub alpha: usize,
-    /// Max-pool width over positions for the importance, odd (default 7; 1 = no pooling).
-    pub kernel: usize,
-    /// Weight of importance against redundancy, in `[0, 1]` (default 0.07, the authors' code
-    /// default; their README says 0.1).
-    pub lambda: f64,
-    /// Reproduce the authors' zeroing of `S[i][0]` for rows with no similar token (default
-    /// false). See [`rkv_redundancy`].
-    pub fidelity_quirk: bool,
-}
-
-impl RkvOptions {
-    /// The authors' defaults (`buffer` 128, `alpha` 8, `kernel` 7, `lambda` 0.07, quirk off)
-    /// with the given `budget` in tokens.
-    pub fn new(budget: usize) -> RkvOptions {
-        RkvOptions { budget, buffer: 128, alpha: 8, kernel: 7, lambda: 0.07, fidelity_quirk: false }
-    }
-
-    /// Checks the options: `alpha >= 1`, `budget > alpha` (the authors assert the same: a budget
-    /// of only the window would ignore every score), `kernel` odd, `lambda` in `[0, 1]`.
-    pub fn validate(&self) -> Result<()> {
-        if self.alpha == 0 {
-            return Err(Error::invalid("alpha", "must be at least 1"));
-        }
-        if self.budget <= self.alpha {
-            return Err(Error::invalid(
-                "budget",
-                format!("{} must exceed alpha {} (the window is always kept)", self.budget, self.alpha),
-            ));
-        }
-        if self.kernel.is_multiple_of(2) {
-            return Err(Error::invalid("kernel", format!("{} must be odd", self.kernel)));
-        }
-        if !(0.0..=1.0).contains(&self.lambda) {
-            return Err(Error::invalid("lambda", format!("{} must lie in [0, 1]", self.lambda)));
-        }
-        Ok(())
-    }
-
-    /// Whether the automatic rule compacts a `Full` segment of `len` tokens:
-    /// `len >= budget + buffer`.
-    pub fn triggers(&self, len: usize) -> bool {
-        len >= self.budget.saturating_add(self.buffer)
-    }
-}
 
 fn f<T: KvElem>(x: T) -> f64 {
     f64::from(x.to_f32())
@@ -410,16 +352,6 @@ impl<T: KvElem> QueryRing<T> {
     pub fn group(&self, first: usize, group_size: usize) -> Vec<T> {
         (first..first + group_size).flat_map(|h| self.queries(h)).collect()
     }
-}
-
-/// Which segments an [`rkv_step`] compacts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RkvTrigger<'a> {
-    /// Every `Full` segment with `len >= budget + buffer` ([`RkvOptions::triggers`]).
-    Threshold,
-    /// Exactly the segments whose entry is `true` (one entry per segment), whatever their
-    /// length; each must be `Full`. A forced segment of at most `budget` tokens keeps them all.
-    Forced(&'a [bool]),
 }
 
 /// One R-KV step for one layer, on host copies: scores, selects and compacts in place every

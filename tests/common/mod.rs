@@ -460,3 +460,163 @@ pub fn select_scenario<S: Store, T: KvElem>(store: &S, case: &SelectCase) -> Sel
     }
     SelectOutcome { kept, device_scores, reference_scores, budgets }
 }
+
+/// One R-KV scenario (see [`rkv_scenario`]): Full segments of the given lengths (capacity
+/// len + 3) or Streaming ones (sink, window; filled), `pushes` decode steps of queries.
+#[derive(Clone, Debug)]
+pub struct RkvCase {
+    pub batch: usize,
+    pub kv_heads: usize,
+    pub group: usize,
+    pub head_dim: usize,
+    /// Per segment: Ok(len) for Full, Err((sink, window)) for Streaming.
+    pub segs: Vec<Result<u32, (u32, u32)>>,
+    pub opts: headwise::redundancy::RkvOptions,
+    pub pushes: usize,
+    pub forced: Option<Vec<bool>>,
+    /// Per segment, duplicate key rows: (source position, copies at these positions).
+    pub duplicates: Vec<(usize, usize, Vec<usize>)>,
+    pub seed: u64,
+}
+
+/// What an R-KV scenario saw.
+pub struct RkvOutcome {
+    pub kept: Vec<Option<Vec<u32>>>,
+}
+
+/// Relative (to the largest |score| of the segment) distance under which two R-KV scores count
+/// as a near tie: f32 against f64 over D-term dot products, softmaxes over len terms.
+pub const RKV_SCORE_TOL: f64 = 2e-5;
+
+/// Runs one R-KV step through `store` and the f64 reference on the same data and checks:
+/// which segments were compacted; device candidate scores within RKV_SCORE_TOL of the reference;
+/// the kernel's kept set equal to the reference selection over the device's own scores
+/// (exact), and to the reference's kept set up to near ties at the cut; compacted rows
+/// byte-identical to the rows they came from; every other segment's rows untouched; host
+/// layout and device table agreeing, compacted lens equal to the budget.
+pub fn rkv_scenario<S: Store, T: KvElem>(store: &S, case: &RkvCase) -> RkvOutcome {
+    use headwise::redundancy::{QueryRing, RkvTrigger, RkvWorkspace, evict};
+    use headwise::reference::rkv;
+    let d = case.head_dim;
+    let mut off = 0u32;
+    let segs: Vec<Segment> = case
+        .segs
+        .iter()
+        .map(|s| {
+            let seg = match *s {
+                Ok(len) => Segment::full(off, len + 3, len),
+                Err((sink, window)) => {
+                    let mut g = Segment::streaming(off, sink, window);
+                    g.len = sink + window;
+                    g
+                }
+            };
+            off += seg.capacity + 1;
+            seg
+        })
+        .collect();
+    let layout = LayerLayout::new(case.batch, case.kv_heads, u64::from(off), segs).unwrap();
+    let rows = layout.total_rows();
+    let mut k: Vec<T> = values(case.seed, rows * d, 1.0);
+    let v: Vec<T> = values(case.seed ^ 0x77, rows * d, 1.0);
+    for &(s, src, ref copies) in &case.duplicates {
+        let seg = layout.segments()[s];
+        let from = seg.row(src as u32) as usize * d;
+        let row: Vec<T> = k[from..from + d].to_vec();
+        for &c in copies {
+            let to = seg.row(c as u32) as usize * d;
+            k[to..to + d].copy_from_slice(&row);
+        }
+    }
+    let heads = layout.segments().len() * case.group;
+    let mut ring = QueryRing::<S, T>::new(store, heads, case.opts.alpha, d).unwrap();
+    let mut ring_ref = rkv::QueryRing::<T>::new(heads, case.opts.alpha, d).unwrap();
+    for step in 0..case.pushes {
+        let q: Vec<T> = values(case.seed ^ (0x1000 + step as u64), heads * d, 1.0);
+        ring.push(&store.upload(&q).unwrap()).unwrap();
+        ring_ref.push(&q).unwrap();
+    }
+    let mut cache = LayerCache::from_parts(
+        store,
+        layout.clone(),
+        d,
+        store.upload(&k).unwrap(),
+        store.upload(&v).unwrap(),
+    )
+    .unwrap();
+    let trigger = match &case.forced {
+        Some(m) => RkvTrigger::Forced(m),
+        None => RkvTrigger::Threshold,
+    };
+    let mut ws = RkvWorkspace::new();
+    let done = evict(&mut cache, &ring, case.group, &case.opts, trigger, &mut ws).unwrap();
+
+    let (mut lay_ref, mut k_ref, mut v_ref) = (layout.clone(), k.clone(), v.clone());
+    let expect =
+        rkv::rkv_step(&mut lay_ref, &mut k_ref, &mut v_ref, &ring_ref, case.group, &case.opts, trigger)
+            .unwrap();
+    let scores: std::collections::HashMap<usize, Vec<f32>> = ws.scores(store).unwrap().into_iter().collect();
+    let kept_dev: std::collections::HashMap<usize, Vec<u32>> = ws.kept(store).unwrap().into_iter().collect();
+    let (kc, vc) = (store.download(cache.k()).unwrap(), store.download(cache.v()).unwrap());
+    let (a, w, budget) = (case.opts.alpha, case.opts.alpha, case.opts.budget);
+    let mut out = Vec::new();
+    for (s, seg) in layout.segments().iter().enumerate() {
+        let compacted = expect[s].is_some() && seg.len as usize > budget;
+        assert_eq!(done[s], compacted, "segment {s}: compacted?");
+        let new_seg = cache.layout().segments()[s];
+        if !compacted {
+            assert_eq!(new_seg, *seg, "segment {s}: layout changed");
+            for i in 0..seg.capacity {
+                let r = (seg.offset + i) as usize * d;
+                assert_eq!(raw(&kc[r..r + d]), raw(&k[r..r + d]), "segment {s} row {i} K touched");
+                assert_eq!(raw(&vc[r..r + d]), raw(&v[r..r + d]), "segment {s} row {i} V touched");
+            }
+            out.push(None);
+            continue;
+        }
+        assert_eq!(new_seg.len as usize, budget, "segment {s}: len");
+        let len = seg.len as usize;
+        let keys = &k[seg.offset as usize * d..(seg.offset as usize + len) * d];
+        let reference =
+            rkv::rkv_scores(keys, &ring_ref.group(s * case.group, case.group), case.group, d, &case.opts);
+        let dev = &scores[&s];
+        assert_eq!(dev.len(), len - a);
+        let top = reference.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+        for j in 0..len - a {
+            let (x, y) = (f64::from(dev[j]), reference[j]);
+            assert!(
+                (x - y).abs() <= RKV_SCORE_TOL * top || (x.is_nan() && y.is_nan()),
+                "segment {s} token {j}: device {x} vs reference {y} (max |score| {top})"
+            );
+        }
+        let dev64: Vec<f64> = dev.iter().map(|&x| f64::from(x)).collect();
+        let got: Vec<usize> = kept_dev[&s].iter().map(|&p| p as usize).collect();
+        assert_eq!(
+            got,
+            reference::select_positions(&dev64, w, budget),
+            "segment {s}: selection over device scores"
+        );
+        let want = expect[s].as_ref().unwrap();
+        if &got != want {
+            let mut sorted = reference.clone();
+            sorted.sort_by(|x, y| y.total_cmp(x));
+            let cut = sorted[budget - w - 1];
+            for &t in got.iter().filter(|t| !want.contains(t)).chain(want.iter().filter(|t| !got.contains(t)))
+            {
+                assert!(
+                    (reference[t] - cut).abs() <= 2.0 * RKV_SCORE_TOL * top,
+                    "segment {s}: token {t} (reference score {}) differs from the reference, cut {cut}",
+                    reference[t]
+                );
+            }
+        }
+        for (i, &t) in got.iter().enumerate() {
+            let (to, from) = ((seg.offset as usize + i) * d, (seg.offset as usize + t) * d);
+            assert_eq!(raw(&kc[to..to + d]), raw(&k[from..from + d]), "segment {s}: K row {i} (token {t})");
+            assert_eq!(raw(&vc[to..to + d]), raw(&v[from..from + d]), "segment {s}: V row {i} (token {t})");
+        }
+        out.push(Some(got.iter().map(|&t| t as u32).collect()));
+    }
+    assert_eq!(store.download(cache.device_table()).unwrap(), cache.layout().device_table(), "device table");
+    RkvOutcome { kept: out }
+}
