@@ -150,4 +150,32 @@ mod on_gpu {
             attention_scenario::<_, bf16>(&store(), attn_layout(batch, kv_heads, &segs), head_dim, group, opts, true, seed);
         }
     }
+
+    /// R-KV on the GPU: the same checks as tests/redundancy.rs (reference scores, exact
+    /// selection over the device's scores, byte-identical compaction), at decode-like sizes, plus
+    /// the planted-duplicates property.
+    #[test]
+    fn rkv_matches_reference_on_gpu() {
+        use super::common::{RkvCase, rkv_scenario};
+        use headwise::redundancy::RkvOptions;
+        let store = store();
+        for head_dim in [64, 128, 256] {
+            for (group, alpha) in [(1, 8), (4, 8), (7, 16)] {
+                let case = RkvCase {
+                    batch: 2,
+                    kv_heads: 2,
+                    group,
+                    head_dim,
+                    segs: vec![Ok(1200), Ok(700), Err((4, 64)), Ok(1100)],
+                    opts: RkvOptions { alpha, ..RkvOptions::new(1000) },
+                    pushes: 11,
+                    forced: None,
+                    duplicates: vec![(0, 5, vec![300, 900])],
+                    seed: head_dim as u64 * 31 + group as u64,
+                };
+                rkv_scenario::<_, bf16>(&store, &case);
+                rkv_scenario::<_, f16>(&store, &case);
+            }
+        }
+    }
 }

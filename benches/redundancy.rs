@@ -1,0 +1,93 @@
+//! R-KV eviction on the GPU (SPEC section 4), reasoning-model shapes at head_dim 128, bf16:
+//! Llama-3.1-8B-R1 (32 query / 8 KV heads) and Qwen-2.5-7B-R1 (28 query / 4 KV heads), batch 1
+//! and 8, budgets 512 to 4096, every segment at len = budget + 128 (the trigger point).
+//! Prints the matrix work of a step (the similarity S = K K^T of every segment plus the two
+//! importance passes) and the rate achieved, against the dense bf16 tensor-core peak of the
+//! device's datasheet (H100/H200 SXM: 989 TFLOP/s); a measured GEMM rate is not available here
+//! (no cuBLAS dependency). Without a GPU it says so and measures nothing.
+
+mod support;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use half::bf16;
+use headwise::redundancy::{QueryRing, RkvOptions, RkvTrigger, RkvWorkspace, evict};
+use headwise::{GpuBuf, LayerCache, LayoutBuilder};
+use std::time::{Duration, Instant};
+
+const HEAD_DIM: usize = 128;
+const DATASHEET_BF16_TFLOPS: f64 = 989.0;
+
+fn bench(c: &mut Criterion) {
+    let Some(store) = support::gpu_or_not_run("redundancy") else { return };
+    let mut group = c.benchmark_group("redundancy");
+    group.measurement_time(Duration::from_secs(2)).sample_size(10);
+    for (model, kv_heads, g) in [("llama8b_r1", 8usize, 4usize), ("qwen7b_r1", 4, 7)] {
+        for batch in [1usize, 8] {
+            for budget in [512usize, 1024, 2048, 4096] {
+                let opts = RkvOptions::new(budget);
+                let len = budget + opts.buffer;
+                let mut lb = LayoutBuilder::new(batch, kv_heads);
+                for b in 0..batch {
+                    for h in 0..kv_heads {
+                        lb = lb.full(b, h, len as u32);
+                    }
+                }
+                let layout = lb.build().unwrap();
+                let elems = layout.total_rows() * HEAD_DIM;
+                let mut cache = Some(
+                    LayerCache::<_, bf16>::from_parts(
+                        &store,
+                        layout.clone(),
+                        HEAD_DIM,
+                        GpuBuf::owned(support::filled::<bf16>(&store, elems)),
+                        GpuBuf::owned(support::filled::<bf16>(&store, elems)),
+                    )
+                    .unwrap(),
+                );
+                let heads = batch * kv_heads * g;
+                let mut ring = QueryRing::<_, bf16>::new(&store, heads, opts.alpha, HEAD_DIM).unwrap();
+                let q = GpuBuf::owned(support::filled::<bf16>(&store, heads * HEAD_DIM));
+                for _ in 0..opts.alpha {
+                    ring.push(&q).unwrap();
+                }
+                let mut ws = RkvWorkspace::new();
+                let segs = batch * kv_heads;
+                let n = len - opts.alpha;
+                let flops = segs as f64
+                    * (2.0 * (len * len * HEAD_DIM) as f64 + 2.0 * 2.0 * (g * opts.alpha * n * HEAD_DIM) as f64);
+                let name = format!("{model}_b{batch}_budget{budget}");
+                let mut per_step = f64::NAN;
+                group.bench_function(&name, |bch| {
+                    bch.iter_custom(|iters| {
+                        let mut total = Duration::ZERO;
+                        for _ in 0..iters {
+                            // Every step starts from the full segments again (evict compacts them).
+                            let (_, k, v) = cache.take().unwrap().into_parts();
+                            let mut fresh = LayerCache::from_parts(&store, layout.clone(), HEAD_DIM, k, v).unwrap();
+                            store.synchronize().unwrap();
+                            let t = Instant::now();
+                            evict(&mut fresh, &ring, g, &opts, RkvTrigger::Threshold, &mut ws).unwrap();
+                            store.synchronize().unwrap();
+                            total += t.elapsed();
+                            cache = Some(fresh);
+                        }
+                        per_step = total.as_secs_f64() / iters as f64;
+                        total
+                    })
+                });
+                let tflops = flops / per_step / 1e12;
+                eprintln!(
+                    "{name}: {:.2} GFLOP per step, last sample {:.1} us, {tflops:.1} TFLOP/s = {:.1}% of the \
+                     {DATASHEET_BF16_TFLOPS} TFLOP/s datasheet peak",
+                    flops / 1e9,
+                    per_step * 1e6,
+                    100.0 * tflops / DATASHEET_BF16_TFLOPS
+                );
+            }
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
