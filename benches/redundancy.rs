@@ -54,7 +54,8 @@ fn bench(c: &mut Criterion) {
                 let segs = batch * kv_heads;
                 let n = len - opts.alpha;
                 let flops = segs as f64
-                    * (2.0 * (len * len * HEAD_DIM) as f64 + 2.0 * 2.0 * (g * opts.alpha * n * HEAD_DIM) as f64);
+                    * (2.0 * (len * len * HEAD_DIM) as f64
+                        + 2.0 * 2.0 * (g * opts.alpha * n * HEAD_DIM) as f64);
                 let name = format!("{model}_b{batch}_budget{budget}");
                 let mut per_step = f64::NAN;
                 group.bench_function(&name, |bch| {
@@ -63,7 +64,8 @@ fn bench(c: &mut Criterion) {
                         for _ in 0..iters {
                             // Every step starts from the full segments again (evict compacts them).
                             let (_, k, v) = cache.take().unwrap().into_parts();
-                            let mut fresh = LayerCache::from_parts(&store, layout.clone(), HEAD_DIM, k, v).unwrap();
+                            let mut fresh =
+                                LayerCache::from_parts(&store, layout.clone(), HEAD_DIM, k, v).unwrap();
                             store.synchronize().unwrap();
                             let t = Instant::now();
                             evict(&mut fresh, &ring, g, &opts, RkvTrigger::Threshold, &mut ws).unwrap();

@@ -1,20 +1,28 @@
 //! The main job: Llama-3-8B-shaped layers (32 query heads, 8 KV heads, head_dim 128, bf16) with a
-//! long prompt, kept as a full cache and as RLKV mixed caches (the heads with the lowest gates keep
-//! 16 sink + 64 recent tokens, the rest everything), then a decode loop: append one token to every
-//! segment, run decode attention, compare with the full cache. Prints KV bytes kept, attention
-//! error against the full cache, needle tokens retained and time per step.
+//! long prompt, compressed with every method of the crate, then a decode loop (append one token
+//! to every segment, decode attention) compared with the full cache. Prints, per method, the KV
+//! bytes kept, the attention-output error against the full cache over the decode steps, the
+//! needle tokens retained, the one-time compression time and the time per decode step.
 //!
-//! Data: synthetic, with structure. Each prompt has a few "needle" tokens; a KV head whose gate is
-//! high (a retrieval head, in DuoAttention's terms) has queries that seek the needles, the others
-//! have queries that favour recent tokens. Gates come from RLKV's Llama-3.1-8B-R1 file when
-//! ../shared/data is present, otherwise from a small synthetic gate table.
+//! Methods: SnapKV (uniform budget), PyramidKV (per-layer budgets), HeadKV-R2 (per-head budgets
+//! from the authors' Llama-3-8B score file when ../shared/data is present, else synthetic
+//! scores), AdaKV (budgets allocated on the device), R-KV (eviction during the decode, from the
+//! full prompt), and RLKV mixed heads (Full + 16 sink/64 recent Streaming heads from RLKV's
+//! Llama-3.1-8B-R1 gate file, else synthetic gates).
+//!
+//! Data: synthetic, with structure. Each prompt has a few "needle" tokens and a strong recency
+//! trend; a KV head whose gate is high (a retrieval head) has queries that seek the needles,
+//! the others have queries that favour recent tokens.
 //!
 //! Runs on the GPU when one is usable, otherwise through the CPU SIMT emulator at a smaller size;
-//! it says which. Compression by score (SnapKV, PyramidKV, HeadKV, AdaKV) and R-KV land with their
-//! kernels.
+//! it says which.
 
 use half::bf16;
+use headwise::policy::budget::{self, HeadKvOptions};
+use headwise::policy::head_scores::HeadScores;
 use headwise::policy::heads::{FullHeads, HeadGates, StreamingSize};
+use headwise::redundancy::{QueryRing, RkvOptions, RkvTrigger, RkvWorkspace, evict};
+use headwise::select::{Budgets, Prompt, SelectOptions, SelectWorkspace, compress};
 use headwise::{
     AttentionOptions, AttentionWorkspace, EmuStore, GpuStore, KvElem, LayerCache, LayerLayout, Segment,
     SegmentMode, Store,
@@ -26,12 +34,16 @@ const KV_HEADS: usize = 8;
 const GROUP: usize = 4;
 const HEAD_DIM: usize = 128;
 const NEEDLES: usize = 6;
+const MODEL_LAYERS: usize = 32;
+const WINDOW: usize = 32;
 
 struct Size {
     batch: usize,
     prompt: usize,
     steps: usize,
     layers: &'static [usize],
+    /// Average tokens kept per KV head by the score-based methods (window included).
+    budget: u32,
 }
 
 /// Deterministic pseudo-random numbers in [-1, 1).
@@ -142,73 +154,247 @@ struct Row {
     bytes: u64,
     err: f64,
     needles: (usize, usize),
+    prefill_ms: Option<f64>,
     ms: f64,
+}
+
+/// What every method sees for one layer: the prompt per segment, the last WINDOW queries of
+/// every query head, and the decode steps' inputs.
+struct LayerData {
+    tokens: Vec<HeadTokens>,
+    /// `[segments][G][WINDOW][HEAD_DIM]`.
+    window_q: Vec<bf16>,
+    /// Per step: new K rows, new V rows (`[segments][D]`) and queries (`[segments * G][D]`).
+    steps: Vec<(Vec<bf16>, Vec<bf16>, Vec<bf16>)>,
+}
+
+fn query_row(rng: &mut Rng, dir: &[f32]) -> impl Iterator<Item = bf16> {
+    let noise: Vec<f32> = (0..HEAD_DIM).map(|_| 0.3 * rng.next()).collect();
+    (0..HEAD_DIM).map(move |j| bf16::from_f32(12.0 * dir[j] + noise[j])).collect::<Vec<_>>().into_iter()
+}
+
+fn layer_data(size: &Size, layer: usize, retrieval: &FullHeads) -> LayerData {
+    let n = size.batch * KV_HEADS;
+    let tokens: Vec<HeadTokens> =
+        (0..n).map(|s| prompt_tokens((layer * 1000 + s) as u64, size.prompt)).collect();
+    let mut rng = Rng(layer as u64 + 77);
+    let dirs: Vec<(Vec<f32>, Vec<f32>)> = (0..n)
+        .map(|s| {
+            let seed = (layer * 1000 + s) as u64;
+            (direction(seed ^ 1), direction(seed ^ 2))
+        })
+        .collect();
+    let seeks = |s: usize| -> &[f32] {
+        let (nd, rd) = &dirs[s];
+        if retrieval.is_full(layer, s % KV_HEADS) { nd } else { rd }
+    };
+    let mut window_q = Vec::with_capacity(n * GROUP * WINDOW * HEAD_DIM);
+    for s in 0..n {
+        for _ in 0..GROUP * WINDOW {
+            window_q.extend(query_row(&mut rng, seeks(s)));
+        }
+    }
+    let steps = (0..size.steps)
+        .map(|step| {
+            let total = size.prompt + step + 1;
+            let (mut k, mut v, mut q) = (Vec::new(), Vec::new(), Vec::new());
+            for s in 0..n {
+                let (nd, rd) = &dirs[s];
+                k.extend(key_row(&mut rng, total - 1, total, false, nd, rd).into_iter().map(bf16::from_f32));
+                v.extend((0..HEAD_DIM).map(|_| bf16::from_f32(rng.next())));
+                for _ in 0..GROUP {
+                    q.extend(query_row(&mut rng, seeks(s)));
+                }
+            }
+            (k, v, q)
+        })
+        .collect();
+    LayerData { tokens, window_q, steps }
+}
+
+/// The score-based prefill methods.
+#[derive(Clone, Copy)]
+enum Prefill {
+    Snap,
+    Pyramid,
+    HeadKv,
+    AdaKv,
+}
+
+/// A method's layer cache at the start of decoding. R-KV also carries its query ring, its
+/// workspace and the prompt position of every cached token (for the needle count).
+struct Decoding<S: Store> {
+    cache: LayerCache<S, bf16>,
+    rkv: Option<(QueryRing<S, bf16>, RkvWorkspace<S>, Vec<Vec<usize>>)>,
+}
+
+fn compress_layer<S: Store>(
+    store: &S,
+    size: &Size,
+    data: &LayerData,
+    layer: usize,
+    method: Prefill,
+    headkv_caps: &[u32],
+) -> headwise::Result<(LayerCache<S, bf16>, usize)> {
+    let n = size.batch * KV_HEADS;
+    let flat = |f: fn(&HeadTokens) -> &Vec<f32>| -> Vec<bf16> {
+        data.tokens.iter().flat_map(|t| f(t).iter().map(|&x| bf16::from_f32(x))).collect()
+    };
+    let (k, v) = (store.upload(&flat(|t| &t.k))?, store.upload(&flat(|t| &t.v))?);
+    let queries = store.upload(&data.window_q)?;
+    let prompt = Prompt {
+        k: &k,
+        v: &v,
+        queries: &queries,
+        batch: size.batch,
+        kv_heads: KV_HEADS,
+        group_size: GROUP,
+        q_len: size.prompt,
+        head_dim: HEAD_DIM,
+    };
+    let per_row: Vec<u32> = match method {
+        Prefill::Snap => vec![budget::uniform(size.budget, WINDOW as u32)?; n],
+        Prefill::Pyramid => {
+            let layers = budget::pyramid(size.budget, WINDOW as u32, MODEL_LAYERS, size.prompt as u32, 20)?;
+            vec![layers[layer]; n]
+        }
+        Prefill::HeadKv => (0..n).map(|s| headkv_caps[layer * KV_HEADS + s % KV_HEADS]).collect(),
+        Prefill::AdaKv => Vec::new(),
+    };
+    let budgets = match method {
+        Prefill::AdaKv => Budgets::AdaKv { base: size.budget, floor_alpha: 0.2 },
+        _ => Budgets::PerRow(&per_row),
+    };
+    let opts = SelectOptions { window: WINDOW, headroom: size.steps as u32, ..SelectOptions::default() };
+    let mut ws = SelectWorkspace::new();
+    let cache = compress(store, &prompt, budgets, &opts, &mut ws)?;
+    let kept = ws.kept(store)?;
+    let retained = kept
+        .iter()
+        .zip(&data.tokens)
+        .map(|(k, t)| t.needles.iter().filter(|&&p| k.contains(&(p as u32))).count())
+        .sum();
+    Ok((cache, retained))
 }
 
 const SPARSITIES: [f64; 3] = [0.2, 0.5, 0.8];
 
-fn run<S: Store>(store: &S, size: Size, gates: &HeadGates, sync: &dyn Fn(&S)) -> headwise::Result<()> {
+fn run<S: Store>(
+    store: &S,
+    size: Size,
+    gates: &HeadGates,
+    headkv: &HeadScores,
+    sync: &dyn Fn(&S),
+) -> headwise::Result<()> {
     println!(
-        "model: Llama-3-8B shapes ({} q heads, {KV_HEADS} KV heads, head_dim {HEAD_DIM}, bf16), layers {:?} of {}, \
-         batch {}, prompt {} tokens, {} decode steps",
+        "model: Llama-3-8B shapes ({} q heads, {KV_HEADS} KV heads, head_dim {HEAD_DIM}, bf16), layers {:?} of \
+         {MODEL_LAYERS}, batch {}, prompt {} tokens, budget {} tokens per KV head (window {WINDOW}), {} decode steps",
         KV_HEADS * GROUP,
         size.layers,
-        gates.layers(),
         size.batch,
         size.prompt,
+        size.budget,
         size.steps
     );
     // Retrieval heads: the top quarter of all gates (DuoAttention's premise: high gate = needs
     // the whole context). Their queries seek needles; the other heads' favour recent tokens.
     let retrieval = gates.select_full(0.75)?;
+    let headkv_caps = budget::headkv(
+        headkv.to_kv_heads(KV_HEADS)?.as_slice(),
+        size.budget,
+        WINDOW as u32,
+        &HeadKvOptions::default(),
+    )?;
+    let rkv_opts = RkvOptions::new(size.budget as usize);
     let n = size.batch * KV_HEADS;
-    let mut rows: Vec<Row> = std::iter::once("full cache".to_string())
-        .chain(SPARSITIES.iter().map(|s| format!("RLKV mix, sparsity {s} (16+64)")))
-        .map(|label| Row { label, bytes: 0, err: 0.0, needles: (0, 0), ms: 0.0 })
+    let labels: Vec<String> =
+        ["full cache", "SnapKV", "PyramidKV", "HeadKV-R2", "AdaKV", "R-KV (evicts while decoding)"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(SPARSITIES.iter().map(|s| format!("RLKV mix, sparsity {s} (16+64)")))
+            .collect();
+    let mut rows: Vec<Row> = labels
+        .into_iter()
+        .map(|label| Row { label, bytes: 0, err: 0.0, needles: (0, 0), prefill_ms: None, ms: 0.0 })
         .collect();
     let mut err_n = 0usize;
     for &layer in size.layers {
-        let tokens: Vec<HeadTokens> =
-            (0..n).map(|s| prompt_tokens((layer * 1000 + s) as u64, size.prompt)).collect();
-        let mut caches: Vec<LayerCache<S, bf16>> = Vec::new();
+        eprint!("layer {layer}: prefill");
+        let data = layer_data(&size, layer, &retrieval);
         let all = FullHeads::all_full(gates.layers(), KV_HEADS);
-        for (i, heads) in
-            std::iter::once(Ok(all)).chain(SPARSITIES.iter().map(|&s| gates.select_full(s))).enumerate()
+        let mut methods: Vec<Decoding<S>> = Vec::new();
+        let mut add = |row: &mut Row, cache, retained: usize, prefill: Option<f64>, rkv| {
+            row.needles.0 += retained;
+            row.needles.1 += n * NEEDLES;
+            if let Some(ms) = prefill {
+                *row.prefill_ms.get_or_insert(0.0) += ms;
+            }
+            methods.push(Decoding { cache, rkv });
+        };
+        let (full, retained) = build_layer(store, &size, &all, layer, &data.tokens)?;
+        add(&mut rows[0], full, retained, None, None);
+        for (i, m) in
+            [Prefill::Snap, Prefill::Pyramid, Prefill::HeadKv, Prefill::AdaKv].into_iter().enumerate()
         {
-            let (cache, retained) = build_layer(store, &size, &heads?, layer, &tokens)?;
-            rows[i].needles.0 += retained;
-            rows[i].needles.1 += n * NEEDLES;
-            caches.push(cache);
+            sync(store);
+            let t = Instant::now();
+            let (cache, retained) = compress_layer(store, &size, &data, layer, m, &headkv_caps)?;
+            sync(store);
+            add(&mut rows[1 + i], cache, retained, Some(t.elapsed().as_secs_f64() * 1e3), None);
+            eprint!(".");
         }
-        let mut ws: Vec<AttentionWorkspace<S>> = caches.iter().map(|_| AttentionWorkspace::new()).collect();
+        // R-KV: the full prompt, then evictions during the decode. The ring starts with the
+        // prompt's last alpha queries, as the authors seed it.
+        let (cache, _) = build_layer(store, &size, &all, layer, &data.tokens)?;
+        let mut ring = QueryRing::new(store, n * GROUP, rkv_opts.alpha, HEAD_DIM)?;
+        for i in WINDOW - rkv_opts.alpha..WINDOW {
+            let q: Vec<bf16> = (0..n * GROUP)
+                .flat_map(|h| {
+                    data.window_q[(h * WINDOW + i) * HEAD_DIM..(h * WINDOW + i + 1) * HEAD_DIM].to_vec()
+                })
+                .collect();
+            ring.push(&store.upload(&q)?)?;
+        }
+        let positions = vec![(0..size.prompt).collect::<Vec<usize>>(); n];
+        add(&mut rows[5], cache, 0, None, Some((ring, RkvWorkspace::new(), positions)));
+        for (i, &sp) in SPARSITIES.iter().enumerate() {
+            let (cache, retained) = build_layer(store, &size, &gates.select_full(sp)?, layer, &data.tokens)?;
+            add(&mut rows[6 + i], cache, retained, None, None);
+        }
+        eprint!(" decode");
+
+        let mut ws: Vec<AttentionWorkspace<S>> = methods.iter().map(|_| AttentionWorkspace::new()).collect();
         let mut outs = Vec::new();
-        for _ in &caches {
+        for _ in &methods {
             outs.push(store.zeros::<bf16>(n * GROUP * HEAD_DIM)?);
         }
-        let mut rng = Rng(layer as u64 + 77);
-        for step in 0..size.steps {
-            let total = size.prompt + step + 1;
-            let mut knew = Vec::with_capacity(n * HEAD_DIM);
-            let mut vnew = Vec::with_capacity(n * HEAD_DIM);
-            let mut q = Vec::with_capacity(n * GROUP * HEAD_DIM);
-            for s in 0..n {
-                let seed = (layer * 1000 + s) as u64;
-                let (nd, rd) = (direction(seed ^ 1), direction(seed ^ 2));
-                knew.extend(
-                    key_row(&mut rng, total - 1, total, false, &nd, &rd).into_iter().map(bf16::from_f32),
-                );
-                vnew.extend((0..HEAD_DIM).map(|_| bf16::from_f32(rng.next())));
-                let dir = if retrieval.is_full(layer, s % KV_HEADS) { &nd } else { &rd };
-                for _ in 0..GROUP {
-                    q.extend((0..HEAD_DIM).map(|j| bf16::from_f32(12.0 * dir[j] + 0.3 * rng.next())));
-                }
-            }
-            let (dk, dv, dq) = (store.upload(&knew)?, store.upload(&vnew)?, store.upload(&q)?);
-            for (i, cache) in caches.iter_mut().enumerate() {
+        for (step, (knew, vnew, q)) in data.steps.iter().enumerate() {
+            let (dk, dv, dq) = (store.upload(knew)?, store.upload(vnew)?, store.upload(q)?);
+            for (i, m) in methods.iter_mut().enumerate() {
                 sync(store);
                 let t = Instant::now();
-                cache.append(&dk, &dv)?;
-                cache.attention(&dq, GROUP, &mut outs[i], None, &mut ws[i], &AttentionOptions::default())?;
+                m.cache.append(&dk, &dv)?;
+                if let Some((ring, rws, positions)) = &mut m.rkv {
+                    for p in positions.iter_mut() {
+                        p.push(size.prompt + step);
+                    }
+                    ring.push(&dq)?;
+                    let done = evict(&mut m.cache, ring, GROUP, &rkv_opts, RkvTrigger::Threshold, rws)?;
+                    if done.iter().any(|&d| d) {
+                        for (s, kept) in rws.kept(store)? {
+                            let before = &positions[s];
+                            positions[s] = kept.iter().map(|&i| before[i as usize]).collect();
+                        }
+                    }
+                }
+                m.cache.attention(
+                    &dq,
+                    GROUP,
+                    &mut outs[i],
+                    None,
+                    &mut ws[i],
+                    &AttentionOptions::default(),
+                )?;
                 sync(store);
                 rows[i].ms += t.elapsed().as_secs_f64() * 1e3;
             }
@@ -230,32 +416,41 @@ fn run<S: Store>(store: &S, size: Size, gates: &HeadGates, sync: &dyn Fn(&S)) ->
             err_n += n * GROUP;
             eprint!(".");
         }
-        for (row, cache) in rows.iter_mut().zip(&caches) {
-            row.bytes += 2 * cache.layout().rows_in_use() * (HEAD_DIM * bf16::DTYPE.size()) as u64;
+        if let Some((_, _, positions)) = &methods[5].rkv {
+            rows[5].needles.0 += positions
+                .iter()
+                .zip(&data.tokens)
+                .map(|(p, t)| t.needles.iter().filter(|x| p.contains(x)).count())
+                .sum::<usize>();
         }
+        for (row, m) in rows.iter_mut().zip(&methods) {
+            row.bytes += 2 * m.cache.layout().rows_in_use() * (HEAD_DIM * bf16::DTYPE.size()) as u64;
+        }
+        eprintln!();
     }
-    eprintln!();
     let steps = (size.steps * size.layers.len()) as f64;
     let full_bytes = rows[0].bytes;
     println!(
-        "{:<34} {:>14} {:>8} {:>14} {:>10} {:>12}",
-        "method", "KV bytes", "kept", "attn rel err", "needles", "ms/step"
+        "{:<32} {:>13} {:>7} {:>13} {:>10} {:>13} {:>11}",
+        "method", "KV bytes", "kept", "attn rel err", "needles", "prefill ms/L", "ms/step/L"
     );
     for r in &rows {
         println!(
-            "{:<34} {:>14} {:>7.1}% {:>14.2e} {:>4}/{:<5} {:>12.3}",
+            "{:<32} {:>13} {:>6.1}% {:>13.2e} {:>4}/{:<5} {:>13} {:>11.3}",
             r.label,
             r.bytes,
             100.0 * r.bytes as f64 / full_bytes as f64,
             r.err / err_n as f64,
             r.needles.0,
             r.needles.1,
+            r.prefill_ms.map_or("-".to_string(), |ms| format!("{:.1}", ms / size.layers.len() as f64)),
             r.ms / steps
         );
     }
     println!(
-        "attn rel err: mean over query heads and steps of |o - o_full| / |o_full|. ms/step: append + attention, per \
-         layer, host timing{}.",
+        "KV bytes: K + V rows in use after the decode steps. attn rel err: mean over query heads and steps of \
+         |o - o_full| / |o_full|. needles: needle tokens still cached. prefill ms/L: compression of the prompt, \
+         per layer. ms/step/L: append + attention (+ ring push and eviction for R-KV) per layer; host timing{}.",
         if std::any::type_name::<S>().contains("Emu") {
             " of the CPU emulator (not GPU speed)"
         } else {
@@ -283,18 +478,35 @@ fn gates() -> headwise::Result<HeadGates> {
     HeadGates::parse_tsv(&text)
 }
 
+fn headkv_scores() -> headwise::Result<HeadScores> {
+    let real = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/data/head-scores/headkv/Meta-Llama-3-8B-Instruct_retrieval_reasoning_heads.json");
+    if real.is_file() {
+        println!("head scores: HeadKV-R2 {}", real.display());
+        return HeadScores::load(real);
+    }
+    println!("head scores: synthetic (../shared/data not found)");
+    let mut r = Rng(9);
+    let entries: Vec<String> = (0..MODEL_LAYERS)
+        .flat_map(|l| (0..KV_HEADS * GROUP).map(move |h| (l, h)))
+        .map(|(l, h)| format!("\"{l}-{h}\": [{:.4}]", (r.next() + 1.0) / 2.0))
+        .collect();
+    HeadScores::parse_json(&format!("{{{}}}", entries.join(", ")))
+}
+
 fn main() -> headwise::Result<()> {
     let gates = gates()?;
+    let headkv = headkv_scores()?;
     match GpuStore::new(0) {
         Ok(gpu) => {
             println!("device: GPU (CUDA device 0)");
-            let size = Size { batch: 4, prompt: 32768, steps: 16, layers: &[0, 8, 16, 24, 31] };
-            run(&gpu, size, &gates, &|s: &GpuStore| s.synchronize().unwrap())
+            let size = Size { batch: 4, prompt: 32768, steps: 16, layers: &[0, 8, 16, 24, 31], budget: 2048 };
+            run(&gpu, size, &gates, &headkv, &|s: &GpuStore| s.synchronize().unwrap())
         }
         Err(why) => {
             println!("device: CPU SIMT emulator, reduced size ({why})");
-            let size = Size { batch: 1, prompt: 2048, steps: 4, layers: &[0, 16, 31] };
-            run(&EmuStore, size, &gates, &|_| {})
+            let size = Size { batch: 1, prompt: 1024, steps: 4, layers: &[0, 16, 31], budget: 160 };
+            run(&EmuStore, size, &gates, &headkv, &|_| {})
         }
     }
 }
