@@ -198,8 +198,7 @@ fn layer_data(size: &Size, layer: usize, retrieval: &FullHeads) -> LayerData {
         .map(|step| {
             let total = size.prompt + step + 1;
             let (mut k, mut v, mut q) = (Vec::new(), Vec::new(), Vec::new());
-            for s in 0..n {
-                let (nd, rd) = &dirs[s];
+            for (s, (nd, rd)) in dirs.iter().enumerate() {
                 k.extend(key_row(&mut rng, total - 1, total, false, nd, rd).into_iter().map(bf16::from_f32));
                 v.extend((0..HEAD_DIM).map(|_| bf16::from_f32(rng.next())));
                 for _ in 0..GROUP {
@@ -225,8 +224,11 @@ enum Prefill {
 /// workspace and the prompt position of every cached token (for the needle count).
 struct Decoding<S: Store> {
     cache: LayerCache<S, bf16>,
-    rkv: Option<(QueryRing<S, bf16>, RkvWorkspace<S>, Vec<Vec<usize>>)>,
+    rkv: Option<RkvState<S>>,
 }
+
+/// R-KV's ring, workspace, and the prompt/decode position of every cached token per segment.
+type RkvState<S> = (QueryRing<S, bf16>, RkvWorkspace<S>, Vec<Vec<usize>>);
 
 fn compress_layer<S: Store>(
     store: &S,
