@@ -4,7 +4,7 @@
 //! ([`layout`]); kernels append, compress and attend over it. Every kernel runs three ways: on
 //! the GPU ([`gpu::GpuStore`]), through the CPU SIMT emulator from the same CUDA source
 //! ([`emu::EmuStore`]), and as a plain CPU [`reference`](mod@reference). See ARCHITECTURE.md for the map.
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 #![doc = include_str!("../README.md")]
 
 pub mod attention;
