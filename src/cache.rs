@@ -181,6 +181,32 @@ impl<S: Store, T: KvElem> LayerCache<S, T> {
         let mut v = self.store.zeros(elems)?;
         self.relayout_into(&target, &mut k, &mut v)?;
         let table = self.store.upload(&target.device_table())?;
+        if crate::invariants::enabled() {
+            // Every logical token of every segment (sinks and ring included) kept byte for byte.
+            let (k0, v0) = (self.store.download(&self.k)?, self.store.download(&self.v)?);
+            let (k1, v1) = (self.store.download(&k)?, self.store.download(&v)?);
+            for (s, (a, b)) in self.layout.segments().iter().zip(target.segments()).enumerate() {
+                let pairs: Vec<(usize, usize)> =
+                    (0..a.len).map(|i| (a.row(i) as usize, b.row(i) as usize)).collect();
+                let what = format!("segment {s}");
+                crate::invariants::check_rows(
+                    "regrow",
+                    &format!("{what} K"),
+                    &k0,
+                    &k1,
+                    &pairs,
+                    self.head_dim,
+                )?;
+                crate::invariants::check_rows(
+                    "regrow",
+                    &format!("{what} V"),
+                    &v0,
+                    &v1,
+                    &pairs,
+                    self.head_dim,
+                )?;
+            }
+        }
         self.k = k;
         self.v = v;
         self.table = table;

@@ -39,6 +39,16 @@ pub enum Error {
     /// An error reported by the CUDA driver.
     #[error("CUDA driver: {0}")]
     Driver(#[from] cudarc::driver::DriverError),
+    /// A compaction broke one of its guarantees (a kept row differs from its source, a window
+    /// or sink token is missing, a count differs from the budget). Only raised when the
+    /// invariant checks are on ([`crate::invariants`]); it means a bug in headwise.
+    #[error("invariant violated after {operation}: {detail}")]
+    Invariant {
+        /// The operation that was checked (`select::compress`, `redundancy::evict`, `regrow`).
+        operation: &'static str,
+        /// What was found.
+        detail: String,
+    },
     /// The CPU SIMT emulator found a bug in a kernel run (divergent barrier, deadlock, bad
     /// shuffle mask, ...) or rejected the launch.
     #[error("emulator, kernel {kernel}: {message}")]

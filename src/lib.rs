@@ -13,6 +13,7 @@ pub mod dtype;
 pub mod emu;
 pub mod error;
 pub mod gpu;
+pub mod invariants;
 mod kernels;
 pub mod layout;
 #[rustfmt::skip]

@@ -388,6 +388,12 @@ pub fn evict<S: Store, T: KvElem>(
     let target_ids: Vec<i32> = targets.iter().map(|&(s, _)| s as i32).collect();
     let target_buf = store.upload(&target_ids)?;
 
+    // Debug mode: the rows before the in-place compaction, to check it afterwards.
+    let before = if crate::invariants::enabled() {
+        Some((store.download(cache.k())?, store.download(cache.v())?))
+    } else {
+        None
+    };
     let d = cache.head_dim();
     let dt = T::DTYPE.name();
     let k_imp = lookup(&format!("hw_rkv_importance_{dt}_d{d}"), "head_dim")?;
@@ -450,5 +456,20 @@ pub fn evict<S: Store, T: KvElem>(
     let layout = LayerLayout::new(l.batch(), l.kv_heads(), l.total_rows() as u64, new_segs)?;
     cache.set_host_layout(layout);
     ws.last = Some((targets, max_len, opts.budget, opts.alpha));
+    if let Some((k0, v0)) = before {
+        let (k1, v1) = (store.download(cache.k())?, store.download(cache.v())?);
+        let op = "redundancy::evict";
+        for ((s, kept), &(_, old_len)) in ws.kept(&store)?.into_iter().zip(&ws.last.as_ref().expect("set").0)
+        {
+            let what = format!("segment {s}");
+            crate::invariants::check_selection(op, &what, &kept, old_len, opts.alpha, opts.budget)?;
+            // Full segments: token i at row offset + i, before and after.
+            let off = cache.layout().segments()[s].offset as usize;
+            let pairs: Vec<(usize, usize)> =
+                kept.iter().enumerate().map(|(i, &p)| (off + p as usize, off + i)).collect();
+            crate::invariants::check_rows(op, &format!("{what} K"), &k0, &k1, &pairs, d)?;
+            crate::invariants::check_rows(op, &format!("{what} V"), &v0, &v1, &pairs, d)?;
+        }
+    }
     Ok(done)
 }

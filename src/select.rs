@@ -413,6 +413,7 @@ pub fn compress<S: Store, T: KvElem>(
     let layout = LayerLayout::new(prompt.batch, shape.rows_per_sequence, offset, segments)?;
     let mut cache = LayerCache::new(store, layout, shape.head_dim)?;
     gather(prompt, &shape, opts, ws, &mut cache)?;
+    verify("select::compress", prompt, &shape, ws, &cache)?;
     Ok(cache)
 }
 
@@ -463,7 +464,55 @@ pub fn compress_into<S: Store, T: KvElem>(
     let layout =
         LayerLayout::new(prompt.batch, shape.rows_per_sequence, dest.layout().total_rows() as u64, segments)?;
     dest.set_layout(layout)?;
-    gather(prompt, &shape, opts, ws, dest)
+    gather(prompt, &shape, opts, ws, dest)?;
+    verify("select::compress_into", prompt, &shape, ws, dest)
+}
+
+/// The invariant checks ([`crate::invariants`], when enabled): every row's selection (window
+/// present, ascending, `min(budget, q)` positions) and every gathered row byte-identical to its
+/// prompt row.
+fn verify<S: Store, T: KvElem>(
+    operation: &'static str,
+    prompt: &Prompt<'_, S, T>,
+    shape: &Shape,
+    ws: &SelectWorkspace<S>,
+    dest: &LayerCache<S, T>,
+) -> Result<()> {
+    if !crate::invariants::enabled() {
+        return Ok(());
+    }
+    let store = dest.store();
+    let kept = ws.kept(store)?;
+    let budgets = store.download(ws.budgets.as_ref().expect("set by score_and_select"))?;
+    let (pk, pv) = (store.download(prompt.k)?, store.download(prompt.v)?);
+    let (ck, cv) = (store.download(dest.k())?, store.download(dest.v())?);
+    let per_src = shape.rows / shape.segments;
+    for (r, (positions, seg)) in kept.iter().zip(dest.layout().segments()).enumerate() {
+        let what = format!("row {r}");
+        crate::invariants::check_selection(
+            operation,
+            &what,
+            positions,
+            shape.q,
+            shape.window,
+            budgets[r] as usize,
+        )?;
+        if seg.len as usize != positions.len() {
+            return Err(Error::Invariant {
+                operation,
+                detail: format!("{what}: segment len {} but {} positions kept", seg.len, positions.len()),
+            });
+        }
+        let src = r / per_src;
+        let pairs: Vec<(usize, usize)> = positions
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| (src * shape.q + p as usize, seg.row(i as u32) as usize))
+            .collect();
+        crate::invariants::check_rows(operation, &format!("{what} K"), &pk, &ck, &pairs, shape.head_dim)?;
+        crate::invariants::check_rows(operation, &format!("{what} V"), &pv, &cv, &pairs, shape.head_dim)?;
+    }
+    Ok(())
 }
 
 fn check_capacity(layout: &LayerLayout, counts: impl Iterator<Item = u32>) -> Result<()> {
