@@ -36,7 +36,7 @@ use crate::cache::LayerCache;
 use crate::dtype::{KvElem, check_head_dim};
 use crate::error::{Error, Result};
 use crate::kernels::{launch_1d, lookup};
-use crate::layout::{DeviceTable, LayerLayout, MAX_ROWS, Segment};
+use crate::layout::{DeviceTable, LayerLayout, MAX_ROWS, Segment, SegmentMode};
 use crate::params::{
     HW_GQA_MAX, HW_GQA_MEAN, HW_POOL_AVG, HW_POOL_MAX, HwLaunch, HwSegmentTable, HwSelectParams,
 };
@@ -455,7 +455,8 @@ pub fn compress_into<S: Store, T: KvElem>(
             ),
         ));
     }
-    if let Some(i) = l.segments().iter().position(|s| !s.is_full()) {
+    // The mode, not `Segment::is_full` (which asks whether a Full segment has no free row).
+    if let Some(i) = l.segments().iter().position(|s| s.mode != SegmentMode::Full) {
         return Err(Error::invalid(format!("dest.segments[{i}].mode"), "must be Full"));
     }
     let known = check_budgets(&shape, &budgets)?;
