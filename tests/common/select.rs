@@ -232,8 +232,7 @@ pub fn nan_scenario<S: Store, T: KvElem>(
     let out = select_scenario_on(store, case, &data);
     let nan_stays = case.opts.pool == Pool::Avg
         && !(case.opts.granularity == Granularity::KvHead && case.opts.gqa == GqaReduce::Max);
-    for r in 0..score_rows(case) {
-        let s = &out.device_scores[r];
+    for (r, s) in out.device_scores.iter().enumerate() {
         if hit.contains(&r) {
             assert!(
                 s.iter().all(|x| if nan_stays { x.is_nan() } else { *x == f32::NEG_INFINITY }),
@@ -349,24 +348,33 @@ pub fn chunk_splits<S: Store, T: KvElem>(
     }
 }
 
-/// Uploads a case's prompt.
-fn upload<S: Store, T: KvElem>(store: &S, data: &SelectData<T>) -> (S::Buf<T>, S::Buf<T>, S::Buf<T>) {
-    (store.upload(&data.k).unwrap(), store.upload(&data.v).unwrap(), store.upload(&data.queries).unwrap())
+/// A case's prompt on the store.
+struct PromptBufs<S: Store, T: KvElem> {
+    k: S::Buf<T>,
+    v: S::Buf<T>,
+    queries: S::Buf<T>,
 }
 
-fn prompt<'a, S: Store, T: KvElem>(
-    case: &SelectCase,
-    (k, v, queries): &'a (S::Buf<T>, S::Buf<T>, S::Buf<T>),
-) -> Prompt<'a, S, T> {
-    Prompt {
-        k,
-        v,
-        queries,
-        batch: case.batch,
-        kv_heads: case.kv_heads,
-        group_size: case.group,
-        q_len: case.q,
-        head_dim: case.head_dim,
+impl<S: Store, T: KvElem> PromptBufs<S, T> {
+    fn upload(store: &S, data: &SelectData<T>) -> Self {
+        PromptBufs {
+            k: store.upload(&data.k).unwrap(),
+            v: store.upload(&data.v).unwrap(),
+            queries: store.upload(&data.queries).unwrap(),
+        }
+    }
+
+    fn prompt(&self, case: &SelectCase) -> Prompt<'_, S, T> {
+        Prompt {
+            k: &self.k,
+            v: &self.v,
+            queries: &self.queries,
+            batch: case.batch,
+            kv_heads: case.kv_heads,
+            group_size: case.group,
+            q_len: case.q,
+            head_dim: case.head_dim,
+        }
     }
 }
 
@@ -426,7 +434,7 @@ pub fn compress_into_scenario<S: Store, T: KvElem>(store: &S, granularity: Granu
     let per_row: Vec<u32> = (0..rows as u32).map(|r| [6, 20, 51, 200][r as usize % 4] + r).collect();
     let d = c.head_dim;
     let data = select_data::<T>(&c);
-    let bufs = upload(store, &data);
+    let bufs = PromptBufs::upload(store, &data);
     for budgets in [CaseBudgets::PerRow(per_row), CaseBudgets::AdaKv { base: 30, floor_alpha: 0.2 }] {
         c.budgets = budgets;
         let want = select_scenario_on(store, &c, &data);
@@ -443,7 +451,7 @@ pub fn compress_into_scenario<S: Store, T: KvElem>(store: &S, granularity: Granu
         )
         .unwrap();
         let mut ws = SelectWorkspace::new();
-        compress_into(&mut dest, &prompt(&c, &bufs), budgets_of(&c.budgets), &c.opts, &mut ws).unwrap();
+        compress_into(&mut dest, &bufs.prompt(&c), budgets_of(&c.budgets), &c.opts, &mut ws).unwrap();
         let got = dest.layout();
         for (i, (a, b)) in layout.segments().iter().zip(got.segments()).enumerate() {
             assert_eq!((a.offset, a.capacity, a.mode), (b.offset, b.capacity, b.mode), "segment {i} moved");
@@ -478,8 +486,8 @@ pub fn compress_into_scenario<S: Store, T: KvElem>(store: &S, granularity: Granu
         )
         .unwrap();
         let before = ws.kept(store).unwrap();
-        let e = compress_into(&mut dest, &prompt(&c, &bufs), budgets_of(&c.budgets), &c.opts, &mut ws)
-            .unwrap_err();
+        let e =
+            compress_into(&mut dest, &bufs.prompt(&c), budgets_of(&c.budgets), &c.opts, &mut ws).unwrap_err();
         assert_eq!(field(e), format!("dest.segments[{short}].capacity"));
         assert_eq!(dest.layout(), &small, "a refused call must leave the layout alone");
         assert!(raw(&store.download(dest.k()).unwrap()) == raw(&sk[..elems]), "a refused call wrote K");
