@@ -28,9 +28,12 @@
 //! `min(budget_r, q)` rows and capacity `min(budget_r, q) + headroom`.
 //!
 //! # Non-finite inputs
-//! Not filtered. A NaN in a key or query makes the softmax sums of the rows that see it NaN,
-//! hence every score of the affected heads NaN; NaN scores rank lowest (max-pooling ignores a
-//! NaN neighbour, as `fmaxf` does), so those rows keep their lowest positions.
+//! Not filtered; IEEE arithmetic as in the f64 reference. A NaN in a key makes the softmax sums
+//! of every query row that sees it NaN, so all scores of the heads that read it are NaN before
+//! pooling. Max-pooling and the group max skip NaN operands (`fmaxf`), so such a head reads
+//! `-inf` after max-pooling and NaN after avg-pooling; either way it ranks lowest and the row
+//! keeps its lowest positions plus the window. A NaN query poisons its query head's scores; the
+//! group mean passes that on to the KV head, the group max drops that query head.
 
 use crate::cache::LayerCache;
 use crate::dtype::{KvElem, check_head_dim};
@@ -204,7 +207,8 @@ impl<S: Store> SelectWorkspace<S> {
         self.last.ok_or_else(|| Error::invalid("workspace", "no compression has run in this workspace"))
     }
 
-    /// The pooled f32 scores of the last call, `[rows][q - window]` (NaN stays NaN).
+    /// The pooled f32 scores of the last call, `[rows][q - window]` (a NaN key reads as NaN,
+    /// or `-inf` where max-pooling skipped it; see the module docs).
     pub fn scores(&self, store: &S) -> Result<Vec<f32>> {
         let (rows, n, _) = self.last()?;
         let keys = store.download(self.keys.as_ref().expect("allocated by the last call"))?;
@@ -449,6 +453,7 @@ pub fn compress_into<S: Store, T: KvElem>(
             ),
         ));
     }
+    // The mode, not `Segment::is_full` (which asks whether a Full segment has no free row).
     if let Some(i) = l.segments().iter().position(|s| s.mode != SegmentMode::Full) {
         return Err(Error::invalid(format!("dest.segments[{i}].mode"), "must be Full"));
     }

@@ -20,12 +20,18 @@ fn opening_a_gpu_store_returns_an_error_not_a_panic() {
 
 #[cfg(feature = "gpu-tests")]
 mod on_gpu {
+    use super::common::select::{
+        attention_after_compress, case_strategy, chunk_splits, compress_into_scenario, long_rows,
+        nan_scenario, score_rows, tied_runs,
+    };
     use super::common::{
         AttnSeg, SegSpec, append_scenario, attention_scenario, attn_layout, attn_seg, build_layout, seg_spec,
     };
+    use super::common::{CaseBudgets, SelectCase, SelectData, select_scenario};
     use half::{bf16, f16};
     use headwise::AttentionOptions;
-    use headwise::{GpuStore, Store};
+    use headwise::select::{GqaReduce, Granularity, Pool, SelectOptions};
+    use headwise::{GpuStore, KvElem, Store};
     use proptest::prelude::*;
 
     fn store() -> GpuStore {
@@ -148,6 +154,124 @@ mod on_gpu {
         ) {
             let opts = AttentionOptions { chunk_tokens: chunk, scale: None };
             attention_scenario::<_, bf16>(&store(), attn_layout(batch, kv_heads, &segs), head_dim, group, opts, true, seed);
+        }
+    }
+
+    /// Prefill compression: every policy (uniform, per-row, AdaKV), granularity, dtype and
+    /// head_dim on Llama-like groups, prompts long enough for the planner to split.
+    fn select_every_policy<T: KvElem>(store: &GpuStore, head_dim: usize) {
+        for (group, granularity) in
+            [(4, Granularity::KvHead), (2, Granularity::QueryHead), (8, Granularity::KvHead)]
+        {
+            let mut c = SelectCase {
+                batch: 2,
+                kv_heads: 2,
+                group,
+                q: 3000,
+                head_dim,
+                opts: SelectOptions { window: 32, granularity, ..SelectOptions::default() },
+                budgets: CaseBudgets::PerRow(vec![]),
+                seed: head_dim as u64 + group as u64,
+            };
+            let rows = score_rows(&c);
+            c.budgets = CaseBudgets::PerRow(vec![256; rows]);
+            select_scenario::<_, T>(store, &c);
+            c.budgets = CaseBudgets::PerRow((0..rows as u32).map(|i| 32 + 397 * i).collect());
+            select_scenario::<_, T>(store, &c);
+            c.budgets = CaseBudgets::AdaKv { base: 300, floor_alpha: 0.2 };
+            select_scenario::<_, T>(store, &c);
+        }
+    }
+
+    #[test]
+    fn select_every_policy_dtype_and_head_dim_on_gpu() {
+        let store = store();
+        for d in [64, 128, 256] {
+            select_every_policy::<f16>(&store, d);
+            select_every_policy::<bf16>(&store, d);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn select_random_cases_on_gpu(case in case_strategy(3000)) {
+            select_scenario::<_, bf16>(&store(), &case);
+        }
+    }
+
+    /// 128k-token rows (the target), random and all-tied.
+    #[test]
+    fn select_long_rows_on_gpu() {
+        long_rows::<_, bf16>(&store(), 131_072, 32, 1);
+        long_rows::<_, f16>(&store(), 140_000, 7, 2);
+    }
+
+    #[test]
+    fn select_exact_ties_on_gpu() {
+        let store = store();
+        for (d, g, pool) in
+            [(64, 1, Pool::Max), (128, 4, Pool::Max), (256, 2, Pool::Avg), (128, 8, Pool::Avg)]
+        {
+            tied_runs::<_, f16>(&store, d, g, pool, 21);
+            tied_runs::<_, bf16>(&store, d, g, pool, 22);
+        }
+    }
+
+    #[test]
+    fn select_nan_on_gpu() {
+        let store = store();
+        let (q, w, d) = (120, 8, 64);
+        for granularity in [Granularity::KvHead, Granularity::QueryHead] {
+            for (pool, gqa) in
+                [(Pool::Max, GqaReduce::Mean), (Pool::Avg, GqaReduce::Mean), (Pool::Avg, GqaReduce::Max)]
+            {
+                let c = SelectCase {
+                    batch: 1,
+                    kv_heads: 3,
+                    group: 2,
+                    q,
+                    head_dim: d,
+                    opts: SelectOptions { window: w, pool, gqa, granularity, ..SelectOptions::default() },
+                    budgets: CaseBudgets::PerRow(vec![]),
+                    seed: 31,
+                };
+                let rows = score_rows(&c) as u32;
+                let c =
+                    SelectCase { budgets: CaseBudgets::PerRow((0..rows).map(|r| 8 + 9 * r).collect()), ..c };
+                let hit: Vec<usize> =
+                    if granularity == Granularity::QueryHead { vec![2, 3] } else { vec![1] };
+                for token in [40, 0, q - w, q - 1] {
+                    let poison = |data: &mut SelectData<bf16>| data.k[(q + token) * d + 5] = bf16::NAN;
+                    nan_scenario::<_, bf16>(&store, &c, poison, &hit);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn select_forced_chunks_on_gpu() {
+        let store = store();
+        chunk_splits::<_, f16>(&store, 64, &[1, 7, 33, 199, 200], &[1, 7, 1000], 41);
+        chunk_splits::<_, bf16>(&store, 128, &[1, 63, 64, 65], &[1, 65], 43);
+        chunk_splits::<_, bf16>(&store, 256, &[1, 31, 33], &[1, 33], 42);
+    }
+
+    #[test]
+    fn select_compress_into_on_gpu() {
+        let store = store();
+        compress_into_scenario::<_, f16>(&store, Granularity::KvHead, 51);
+        compress_into_scenario::<_, bf16>(&store, Granularity::QueryHead, 52);
+    }
+
+    #[test]
+    fn select_then_attention_on_gpu() {
+        let store = store();
+        for d in [64, 128, 256] {
+            for granularity in [Granularity::KvHead, Granularity::QueryHead] {
+                attention_after_compress::<_, f16>(&store, granularity, d, 61 + d as u64);
+                attention_after_compress::<_, bf16>(&store, granularity, d, 62 + d as u64);
+            }
         }
     }
 

@@ -5,6 +5,8 @@ use headwise::layout::{LayerLayout, Segment, SegmentMode};
 use headwise::{Error, KvElem, LayerCache, Store, reference};
 use proptest::prelude::*;
 
+pub mod select;
+
 /// One segment of a random layout: its mode and initial length (Full) plus headroom.
 #[derive(Clone, Debug)]
 pub enum SegSpec {
@@ -315,11 +317,33 @@ pub struct SelectCase {
 }
 
 /// What a scenario saw, for tests that check more.
-pub struct SelectOutcome {
+pub struct SelectOutcome<S: Store, T: KvElem> {
     pub kept: Vec<Vec<u32>>,
     pub device_scores: Vec<Vec<f32>>,
     pub reference_scores: Vec<Vec<f64>>,
     pub budgets: Vec<usize>,
+    /// The compressed cache, for tests that go on to decode from it.
+    pub cache: LayerCache<S, T>,
+}
+
+/// The host prompt of a [`SelectCase`]: `k`, `v` `[batch][kv_heads][q][head_dim]`, `queries`
+/// `[batch][kv_heads * group][window][head_dim]`.
+#[derive(Clone)]
+pub struct SelectData<T> {
+    pub k: Vec<T>,
+    pub v: Vec<T>,
+    pub queries: Vec<T>,
+}
+
+/// Random prompt data for `case` (seeded by `case.seed`).
+pub fn select_data<T: KvElem>(case: &SelectCase) -> SelectData<T> {
+    let (d, q, g, w) = (case.head_dim, case.q, case.group, case.opts.window);
+    let segs = case.batch * case.kv_heads;
+    SelectData {
+        k: values(case.seed, segs * q * d, 1.0),
+        v: values(case.seed ^ 0xabc, segs * q * d, 1.0),
+        queries: values(case.seed ^ 0x5eed, segs * g * w * d, 1.0),
+    }
 }
 
 /// Scores within this much of each other (relative to the row's largest score) count as a
@@ -337,15 +361,21 @@ pub const SCORE_TOL: f64 = 2e-5;
 /// - window present, count == min(budget, q), ascending, and the cache rows byte-identical to
 ///   the prompt rows they came from (the new cache starts zeroed and prompt rows are random,
 ///   so a row the gather missed or misplaced shows).
-pub fn select_scenario<S: Store, T: KvElem>(store: &S, case: &SelectCase) -> SelectOutcome {
+pub fn select_scenario<S: Store, T: KvElem>(store: &S, case: &SelectCase) -> SelectOutcome<S, T> {
+    select_scenario_on(store, case, &select_data(case))
+}
+
+/// [`select_scenario`] on given prompt data (planted ties, NaN, zeros).
+pub fn select_scenario_on<S: Store, T: KvElem>(
+    store: &S,
+    case: &SelectCase,
+    data: &SelectData<T>,
+) -> SelectOutcome<S, T> {
     use headwise::select::{Budgets, GqaReduce, Granularity, Prompt, SelectWorkspace, compress};
     let (d, q, g, w) = (case.head_dim, case.q, case.group, case.opts.window);
     let segs = case.batch * case.kv_heads;
-    let k: Vec<T> = values(case.seed, segs * q * d, 1.0);
-    let v: Vec<T> = values(case.seed ^ 0xabc, segs * q * d, 1.0);
-    let queries: Vec<T> = values(case.seed ^ 0x5eed, segs * g * w * d, 1.0);
-    let (kb, vb, qb) =
-        (store.upload(&k).unwrap(), store.upload(&v).unwrap(), store.upload(&queries).unwrap());
+    let (k, v, queries) = (&data.k, &data.v, &data.queries);
+    let (kb, vb, qb) = (store.upload(k).unwrap(), store.upload(v).unwrap(), store.upload(queries).unwrap());
     let prompt = Prompt {
         k: &kb,
         v: &vb,
@@ -382,8 +412,9 @@ pub fn select_scenario<S: Store, T: KvElem>(store: &S, case: &SelectCase) -> Sel
         let top = reference_scores[r].iter().copied().fold(0.0f64, f64::max);
         for j in 0..n {
             let (a, b) = (f64::from(device_scores[r][j]), reference_scores[r][j]);
+            // `a == b` for the -inf a max-pool or max-reduce leaves over an all-NaN window.
             assert!(
-                (a - b).abs() <= SCORE_TOL * top || (a.is_nan() && b.is_nan()),
+                a == b || (a - b).abs() <= SCORE_TOL * top || (a.is_nan() && b.is_nan()),
                 "row {r} token {j}: device {a} vs reference {b} (row max {top})"
             );
         }
@@ -458,7 +489,7 @@ pub fn select_scenario<S: Store, T: KvElem>(store: &S, case: &SelectCase) -> Sel
             assert_eq!(raw(&vc[row * d..(row + 1) * d]), raw(&v[from..from + d]), "row {r} V of token {t}");
         }
     }
-    SelectOutcome { kept, device_scores, reference_scores, budgets }
+    SelectOutcome { kept, device_scores, reference_scores, budgets, cache }
 }
 
 /// One R-KV scenario (see [`rkv_scenario`]): Full segments of the given lengths (capacity
