@@ -42,11 +42,12 @@ impl HeadScores {
                 let x = x.as_f64().ok_or_else(|| Error::invalid(field(), format!("{x} is not a number")))?;
                 sum += x;
             }
-            let mean = sum / list.len() as f64;
+            // Importances are stored as f32: a mean finite in f64 may still overflow there.
+            let mean = (sum / list.len() as f64) as f32;
             if !mean.is_finite() {
-                return Err(Error::invalid(field(), "the mean is not finite"));
+                return Err(Error::invalid(field(), "the mean is not a finite f32"));
             }
-            entries.push((l, h, mean as f32));
+            entries.push((l, h, mean));
         }
         let layers = entries.iter().map(|e| e.0).max().unwrap() + 1;
         let heads = entries.iter().map(|e| e.1).max().unwrap() + 1;
