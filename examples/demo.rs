@@ -173,7 +173,7 @@ fn run<S: Store>(store: &S, size: Size, gates: &HeadGates, sync: &dyn Fn(&S)) ->
         let mut caches: Vec<LayerCache<S, bf16>> = Vec::new();
         let all = FullHeads::all_full(gates.layers(), KV_HEADS);
         for (i, heads) in
-            std::iter::once(Ok(all)).chain(SPARSITIES.iter().map(|&s| gates.select_full(s))).enumerate()
+            std::iter::once(all).chain(SPARSITIES.iter().map(|&s| gates.select_full(s))).enumerate()
         {
             let (cache, retained) = build_layer(store, &size, &heads?, layer, &tokens)?;
             rows[i].needles.0 += retained;

@@ -33,6 +33,14 @@ impl HeadScores {
                 .split_once('-')
                 .and_then(|(l, h)| Some((l.parse::<usize>().ok()?, h.parse::<usize>().ok()?)))
                 .ok_or_else(|| Error::invalid(field(), "keys must be \"layer-head\""))?;
+            // A full grid of n keys has at most n layers and n heads; checking here keeps the
+            // grid arithmetic below from overflowing on a key like "18446744073709551615-0".
+            if l >= obj.len() || h >= obj.len() {
+                return Err(Error::invalid(
+                    field(),
+                    format!("index {l}-{h} cannot be part of a full grid of {} keys", obj.len()),
+                ));
+            }
             let list = list.as_array().ok_or_else(|| Error::invalid(field(), "value is not a list"))?;
             if list.is_empty() {
                 return Err(Error::invalid(field(), "empty list"));
