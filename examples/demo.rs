@@ -323,7 +323,7 @@ fn run<S: Store>(
     for &layer in size.layers {
         eprint!("layer {layer}: prefill");
         let data = layer_data(&size, layer, &retrieval);
-        let all = FullHeads::all_full(gates.layers(), KV_HEADS);
+        let all = FullHeads::all_full(gates.layers(), KV_HEADS)?;
         let mut methods: Vec<Decoding<S>> = Vec::new();
         let mut add = |row: &mut Row, cache, retained: usize, prefill: Option<f64>, rkv| {
             row.needles.0 += retained;

@@ -81,6 +81,10 @@ pub struct AttentionOptions {
 
 /// Scratch memory for split segments (partial outputs and LSEs), reused across calls and grown
 /// on demand, so a decode loop allocates it once.
+///
+/// The scratch belongs to the store that allocated it: used with a cache of another store (on
+/// the GPU, another device), the workspace frees it and allocates it again there rather than
+/// hand one device's memory to another's kernels.
 pub struct AttentionWorkspace<S: Store> {
     partial_out: Option<S::Buf<f32>>,
     partial_lse: Option<S::Buf<f32>>,
@@ -99,10 +103,12 @@ impl<S: Store> AttentionWorkspace<S> {
     }
 
     fn ensure(&mut self, store: &S, out_elems: usize, lse_elems: usize) -> Result<()> {
-        if self.partial_out.as_ref().is_none_or(|b| S::len(b) < out_elems) {
+        let unusable =
+            |b: &S::Buf<f32>, elems: usize| S::len(b) < elems || store.check_buf("workspace", b).is_err();
+        if self.partial_out.as_ref().is_none_or(|b| unusable(b, out_elems)) {
             self.partial_out = Some(store.zeros(out_elems)?);
         }
-        if self.partial_lse.as_ref().is_none_or(|b| S::len(b) < lse_elems) {
+        if self.partial_lse.as_ref().is_none_or(|b| unusable(b, lse_elems)) {
             self.partial_lse = Some(store.zeros(lse_elems)?);
         }
         Ok(())
@@ -192,18 +198,21 @@ impl<S: Store, T: KvElem> LayerCache<S, T> {
         let mut pins = S::Pins::default();
         let null = std::ptr::null_mut::<f32>();
         let params = HwAttentionParams {
-            q: store.addr(q, &mut pins) as *const _,
-            k_cache: store.addr(self.k(), &mut pins) as *const _,
-            v_cache: store.addr(self.v(), &mut pins) as *const _,
-            seg: DeviceTable::params(store.addr(self.device_table(), &mut pins), n),
-            out: store.addr_mut(out, &mut pins) as *mut _,
-            lse: lse.map_or(null, |l| store.addr_mut(l, &mut pins) as *mut f32),
+            q: store.addr("q", q, &mut pins)? as *const _,
+            k_cache: store.addr("k", self.k(), &mut pins)? as *const _,
+            v_cache: store.addr("v", self.v(), &mut pins)? as *const _,
+            seg: DeviceTable::params(store.addr("device_table", self.device_table(), &mut pins)?, n),
+            out: store.addr_mut("out", out, &mut pins)? as *mut _,
+            lse: match lse {
+                Some(l) => store.addr_mut("lse", l, &mut pins)? as *mut f32,
+                None => null,
+            },
             partial_out: match (&mut workspace.partial_out, splits > 1) {
-                (Some(b), true) => store.addr_mut(b, &mut pins) as *mut f32,
+                (Some(b), true) => store.addr_mut("workspace", b, &mut pins)? as *mut f32,
                 _ => null,
             },
             partial_lse: match (&mut workspace.partial_lse, splits > 1) {
-                (Some(b), true) => store.addr_mut(b, &mut pins) as *mut f32,
+                (Some(b), true) => store.addr_mut("workspace", b, &mut pins)? as *mut f32,
                 _ => null,
             },
             group_size: group_size as i32,

@@ -69,7 +69,7 @@ impl<S: Store, T: KvElem> LayerCache<S, T> {
                 ));
             }
             let mut pins = S::Pins::default();
-            check_aligned(field, store.addr(buf, &mut pins))?;
+            check_aligned(field, store.addr(field, buf, &mut pins)?)?;
         }
         let table = store.upload(&layout.device_table())?;
         Ok(LayerCache { store: store.clone(), layout, head_dim, k, v, table })
@@ -152,11 +152,11 @@ impl<S: Store, T: KvElem> LayerCache<S, T> {
         let store = &self.store;
         let mut pins = S::Pins::default();
         let params = HwAppendParams {
-            k_cache: store.addr_mut(&mut self.k, &mut pins) as *mut _,
-            v_cache: store.addr_mut(&mut self.v, &mut pins) as *mut _,
-            k_new: store.addr(k_new, &mut pins) as *const _,
-            v_new: store.addr(v_new, &mut pins) as *const _,
-            seg: DeviceTable::params(store.addr_mut(&mut self.table, &mut pins), n),
+            k_cache: store.addr_mut("k", &mut self.k, &mut pins)? as *mut _,
+            v_cache: store.addr_mut("v", &mut self.v, &mut pins)? as *mut _,
+            k_new: store.addr("k_new", k_new, &mut pins)? as *const _,
+            v_new: store.addr("v_new", v_new, &mut pins)? as *const _,
+            seg: DeviceTable::params(store.addr_mut("device_table", &mut self.table, &mut pins)?, n),
             head_dim: self.head_dim as i32,
         };
         check_aligned("k_new", params.k_new as u64)?;
@@ -260,12 +260,12 @@ impl<S: Store, T: KvElem> LayerCache<S, T> {
         let cfg = launch_1d(n, RELAYOUT_THREADS, 0);
         let store = &self.store;
         let mut pins = S::Pins::default();
-        let meta_addr = store.addr(&meta, &mut pins);
+        let meta_addr = store.addr("relayout metadata", &meta, &mut pins)?;
         let params = HwRelayoutParams {
-            k_src: store.addr(&self.k, &mut pins) as *const _,
-            v_src: store.addr(&self.v, &mut pins) as *const _,
-            k_dst: store.addr_mut(k_dst, &mut pins) as *mut _,
-            v_dst: store.addr_mut(v_dst, &mut pins) as *mut _,
+            k_src: store.addr("k", &self.k, &mut pins)? as *const _,
+            v_src: store.addr("v", &self.v, &mut pins)? as *const _,
+            k_dst: store.addr_mut("k_dst", k_dst, &mut pins)? as *mut _,
+            v_dst: store.addr_mut("v_dst", v_dst, &mut pins)? as *mut _,
             src_offset: meta_addr as *const i32,
             dst_offset: (meta_addr + 4 * n as u64) as *const i32,
             len: (meta_addr + 8 * n as u64) as *const i32,

@@ -116,11 +116,15 @@ impl Store for EmuStore {
     fn sm_count(&self) -> usize {
         132
     }
-    fn addr<'a, T: Elem>(&'a self, buf: &'a EmuBuf<T>, _: &mut ()) -> u64 {
-        buf.ptr.as_ptr() as u64
+    fn check_buf<T: Elem>(&self, _: &str, _: &EmuBuf<T>) -> Result<()> {
+        // Host memory is one address space: every EmuBuf is valid for every EmuStore.
+        Ok(())
     }
-    fn addr_mut<'a, T: Elem>(&'a self, buf: &'a mut EmuBuf<T>, _: &mut ()) -> u64 {
-        buf.ptr.as_ptr() as u64
+    fn addr<'a, T: Elem>(&'a self, _: &str, buf: &'a EmuBuf<T>, _: &mut ()) -> Result<u64> {
+        Ok(buf.ptr.as_ptr() as u64)
+    }
+    fn addr_mut<'a, T: Elem>(&'a self, _: &str, buf: &'a mut EmuBuf<T>, _: &mut ()) -> Result<u64> {
+        Ok(buf.ptr.as_ptr() as u64)
     }
     unsafe fn launch<P: KernelParams>(&self, name: &'static str, cfg: &HwLaunch, params: &P) -> Result<()> {
         let entry = crate::kernels::emu_entry(name).ok_or_else(|| Error::Emulator {

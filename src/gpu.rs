@@ -20,6 +20,9 @@ use std::sync::{Arc, Mutex};
 /// A device buffer of `T`: memory headwise allocated (freed on drop), or memory an engine owns
 /// (see [`GpuBuf::borrowed`]). The representation is private so a foreign address can only
 /// enter through that `unsafe` constructor.
+///
+/// An owned buffer knows its context: a [`GpuStore`] of another device refuses to launch over
+/// it (or copy it) with an [`Error::Invalid`] naming the argument, instead of faulting.
 pub struct GpuBuf<T: Elem> {
     mem: Mem<T>,
     /// Elements; an owned zero-length buffer still holds one element, since the driver
@@ -186,6 +189,7 @@ impl Store for GpuStore {
         Ok(GpuBuf { mem: Mem::Owned(slice), len: n })
     }
     fn download<T: Elem>(&self, buf: &GpuBuf<T>) -> Result<Vec<T>> {
+        self.check_buf("buf", buf)?;
         let mut out = vec![T::zeroed(); buf.len];
         if buf.len == 0 {
             return Ok(out);
@@ -205,6 +209,7 @@ impl Store for GpuStore {
         Ok(out)
     }
     fn overwrite<T: Elem>(&self, buf: &mut GpuBuf<T>, data: &[T]) -> Result<()> {
+        self.check_buf("buf", buf)?;
         if Self::len(buf) != data.len() {
             return Err(Error::invalid(
                 "data",
@@ -232,25 +237,53 @@ impl Store for GpuStore {
     fn sm_count(&self) -> usize {
         self.sm_count
     }
-    fn addr<'a, T: Elem>(&'a self, buf: &'a GpuBuf<T>, pins: &mut Vec<SyncOnDrop<'a>>) -> u64 {
+    fn check_buf<T: Elem>(&self, field: &str, buf: &GpuBuf<T>) -> Result<()> {
         match &buf.mem {
+            // Memory is valid in the context that allocated it; headwise sets up no peer access.
+            Mem::Owned(s) if s.context().cu_ctx() != self.ctx.cu_ctx() => Err(Error::invalid(
+                field,
+                format!(
+                    "allocated on device {}, but this store launches on device {} (another context)",
+                    s.context().ordinal(),
+                    self.ctx.ordinal()
+                ),
+            )),
+            // A borrowed address carries no context to compare: GpuBuf::borrowed's contract puts
+            // it in the store's context.
+            _ => Ok(()),
+        }
+    }
+    fn addr<'a, T: Elem>(
+        &'a self,
+        field: &str,
+        buf: &'a GpuBuf<T>,
+        pins: &mut Vec<SyncOnDrop<'a>>,
+    ) -> Result<u64> {
+        self.check_buf(field, buf)?;
+        Ok(match &buf.mem {
             Mem::Owned(s) => {
                 let (p, guard) = s.device_ptr(&self.stream);
                 pins.push(guard);
                 p
             }
             Mem::Borrowed(ptr) => *ptr,
-        }
+        })
     }
-    fn addr_mut<'a, T: Elem>(&'a self, buf: &'a mut GpuBuf<T>, pins: &mut Vec<SyncOnDrop<'a>>) -> u64 {
-        match &mut buf.mem {
+    fn addr_mut<'a, T: Elem>(
+        &'a self,
+        field: &str,
+        buf: &'a mut GpuBuf<T>,
+        pins: &mut Vec<SyncOnDrop<'a>>,
+    ) -> Result<u64> {
+        self.check_buf(field, buf)?;
+        Ok(match &mut buf.mem {
             Mem::Owned(s) => {
                 let (p, guard) = s.device_ptr_mut(&self.stream);
                 pins.push(guard);
                 p
             }
             Mem::Borrowed(ptr) => *ptr,
-        }
+        })
     }
     unsafe fn launch<P: KernelParams>(&self, name: &'static str, cfg: &HwLaunch, params: &P) -> Result<()> {
         let f = self.function(name)?;

@@ -161,8 +161,8 @@ impl<S: Store, T: KvElem> QueryRing<S, T> {
         let store = &self.store;
         let mut pins = S::Pins::default();
         let params = HwQueryPushParams {
-            ring: store.addr_mut(&mut self.buf, &mut pins) as *mut _,
-            q: store.addr(q, &mut pins) as *const _,
+            ring: store.addr_mut("ring", &mut self.buf, &mut pins)? as *mut _,
+            q: store.addr("q", q, &mut pins)? as *const _,
             heads: self.heads as i32,
             head_dim: self.head_dim as i32,
             alpha: self.alpha as i32,
@@ -405,12 +405,12 @@ pub fn evict<S: Store, T: KvElem>(
         let (store, k_cache, v_cache, table) = cache.parts_mut();
         let mut pins = S::Pins::default();
         let params = HwRkvParams {
-            k_cache: store.addr_mut(k_cache, &mut pins) as *mut _,
-            v_cache: store.addr_mut(v_cache, &mut pins) as *mut _,
-            seg: DeviceTable::params(store.addr_mut(table, &mut pins), n),
-            targets: store.addr(&target_buf, &mut pins) as *const i32,
+            k_cache: store.addr_mut("k_cache", k_cache, &mut pins)? as *mut _,
+            v_cache: store.addr_mut("v_cache", v_cache, &mut pins)? as *mut _,
+            seg: DeviceTable::params(store.addr_mut("device_table", table, &mut pins)?, n),
+            targets: store.addr("targets", &target_buf, &mut pins)? as *const i32,
             num_targets: nt as i32,
-            ring: store.addr(&ring.buf, &mut pins) as *const _,
+            ring: store.addr("ring", &ring.buf, &mut pins)? as *const _,
             ring_count: ring.count as i32,
             group_size: group_size as i32,
             head_dim: d as i32,
@@ -421,12 +421,19 @@ pub fn evict<S: Store, T: KvElem>(
             fidelity_quirk: opts.fidelity_quirk as i32,
             lambda: opts.lambda as f32,
             scale_log2: (1.0 / (d as f32).sqrt()) * std::f32::consts::LOG2_E,
-            importance: store.addr_mut(ws.importance.as_mut().expect("ensured"), &mut pins) as *mut f32,
-            inv_norm: store.addr_mut(ws.inv_norm.as_mut().expect("ensured"), &mut pins) as *mut f32,
-            col_partial: store.addr_mut(ws.col_partial.as_mut().expect("ensured"), &mut pins) as *mut f32,
-            col_mean: store.addr_mut(ws.col_mean.as_mut().expect("ensured"), &mut pins) as *mut f32,
-            keys: store.addr_mut(ws.keys.as_mut().expect("ensured"), &mut pins) as *mut u32,
-            kept: store.addr_mut(ws.kept.as_mut().expect("ensured"), &mut pins) as *mut i32,
+            importance: store.addr_mut("importance", ws.importance.as_mut().expect("ensured"), &mut pins)?
+                as *mut f32,
+            inv_norm: store.addr_mut("inv_norm", ws.inv_norm.as_mut().expect("ensured"), &mut pins)?
+                as *mut f32,
+            col_partial: store.addr_mut(
+                "col_partial",
+                ws.col_partial.as_mut().expect("ensured"),
+                &mut pins,
+            )? as *mut f32,
+            col_mean: store.addr_mut("col_mean", ws.col_mean.as_mut().expect("ensured"), &mut pins)?
+                as *mut f32,
+            keys: store.addr_mut("keys", ws.keys.as_mut().expect("ensured"), &mut pins)? as *mut u32,
+            kept: store.addr_mut("kept", ws.kept.as_mut().expect("ensured"), &mut pins)? as *mut i32,
         };
         let by_tiles = |y: usize, threads: u32| HwLaunch { grid_y: y as u32, ..launch_1d(nt, threads, 0) };
         // SAFETY (all four launches): addresses from this store, pinned until the block ends.

@@ -634,15 +634,17 @@ fn score_and_select<S: Store, T: KvElem>(
     let topk_k = lookup("hw_select_topk", "kernel")?;
     {
         let mut pins = S::Pins::default();
-        params.k = store.addr(prompt.k, &mut pins) as *const _;
-        params.v = store.addr(prompt.v, &mut pins) as *const _;
-        params.queries = store.addr(prompt.queries, &mut pins) as *const _;
-        params.stats = store.addr_mut(ws.stats.as_mut().expect("ensured"), &mut pins) as *mut f32;
-        params.final_stats = store.addr_mut(ws.final_stats.as_mut().expect("ensured"), &mut pins) as *mut f32;
-        params.scores = store.addr_mut(ws.scores.as_mut().expect("ensured"), &mut pins) as *mut f32;
-        params.keys = store.addr_mut(ws.keys.as_mut().expect("ensured"), &mut pins) as *mut u32;
-        params.budgets = store.addr_mut(ws.budgets.as_mut().expect("set"), &mut pins) as *mut i32;
-        params.kept = store.addr_mut(ws.kept.as_mut().expect("ensured"), &mut pins) as *mut i32;
+        params.k = store.addr("k", prompt.k, &mut pins)? as *const _;
+        params.v = store.addr("v", prompt.v, &mut pins)? as *const _;
+        params.queries = store.addr("queries", prompt.queries, &mut pins)? as *const _;
+        params.stats = store.addr_mut("stats", ws.stats.as_mut().expect("ensured"), &mut pins)? as *mut f32;
+        params.final_stats =
+            store.addr_mut("final_stats", ws.final_stats.as_mut().expect("ensured"), &mut pins)? as *mut f32;
+        params.scores =
+            store.addr_mut("scores", ws.scores.as_mut().expect("ensured"), &mut pins)? as *mut f32;
+        params.keys = store.addr_mut("keys", ws.keys.as_mut().expect("ensured"), &mut pins)? as *mut u32;
+        params.budgets = store.addr_mut("budgets", ws.budgets.as_mut().expect("set"), &mut pins)? as *mut i32;
+        params.kept = store.addr_mut("kept", ws.kept.as_mut().expect("ensured"), &mut pins)? as *mut i32;
         check_aligned("k", params.k as u64)?;
         check_aligned("v", params.v as u64)?;
         check_aligned("queries", params.queries as u64)?;
@@ -699,12 +701,13 @@ fn gather<S: Store, T: KvElem>(
     let rows = dest.layout().segments().len();
     let (store, k_cache, v_cache, table) = dest.parts_mut();
     let mut pins = S::Pins::default();
-    params.k = store.addr(prompt.k, &mut pins) as *const _;
-    params.v = store.addr(prompt.v, &mut pins) as *const _;
-    params.kept = store.addr_mut(ws.kept.as_mut().expect("set by score_and_select"), &mut pins) as *mut i32;
-    params.k_cache = store.addr_mut(k_cache, &mut pins) as *mut _;
-    params.v_cache = store.addr_mut(v_cache, &mut pins) as *mut _;
-    params.seg = DeviceTable::params(store.addr_mut(table, &mut pins), rows);
+    params.k = store.addr("k", prompt.k, &mut pins)? as *const _;
+    params.v = store.addr("v", prompt.v, &mut pins)? as *const _;
+    params.kept =
+        store.addr_mut("kept", ws.kept.as_mut().expect("set by score_and_select"), &mut pins)? as *mut i32;
+    params.k_cache = store.addr_mut("k_cache", k_cache, &mut pins)? as *mut _;
+    params.v_cache = store.addr_mut("v_cache", v_cache, &mut pins)? as *mut _;
+    params.seg = DeviceTable::params(store.addr_mut("device_table", table, &mut pins)?, rows);
     let y = max_len.div_ceil(GATHER_ROWS_PER_BLOCK).min(65535) as u32;
     let cfg = HwLaunch { grid_y: y, ..launch_1d(rows, TILE_THREADS, 0) };
     // SAFETY: addresses from this store, pinned. Row r of segment s reads kept[s][r] (r < len <=

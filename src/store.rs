@@ -45,12 +45,28 @@ pub trait Store: Clone {
     /// emulator reports an H100 SXM's 132 so its plans match the GPU's.
     fn sm_count(&self) -> usize;
 
-    /// Address of a buffer for a kernel that only reads it.
+    /// Errors (naming `field`) unless this store's kernels can address `buf`: on the GPU, a
+    /// buffer allocated in another device's context would fault in a launch here.
     #[doc(hidden)]
-    fn addr<'a, T: Elem>(&'a self, buf: &'a Self::Buf<T>, pins: &mut Self::Pins<'a>) -> u64;
-    /// Address of a buffer for a kernel that writes it.
+    fn check_buf<T: Elem>(&self, field: &str, buf: &Self::Buf<T>) -> Result<()>;
+    /// Address of a buffer for a kernel that only reads it; checks it with
+    /// [`Store::check_buf`] first.
     #[doc(hidden)]
-    fn addr_mut<'a, T: Elem>(&'a self, buf: &'a mut Self::Buf<T>, pins: &mut Self::Pins<'a>) -> u64;
+    fn addr<'a, T: Elem>(
+        &'a self,
+        field: &str,
+        buf: &'a Self::Buf<T>,
+        pins: &mut Self::Pins<'a>,
+    ) -> Result<u64>;
+    /// Address of a buffer for a kernel that writes it; checks it with [`Store::check_buf`]
+    /// first.
+    #[doc(hidden)]
+    fn addr_mut<'a, T: Elem>(
+        &'a self,
+        field: &str,
+        buf: &'a mut Self::Buf<T>,
+        pins: &mut Self::Pins<'a>,
+    ) -> Result<u64>;
     /// Launches kernel `name` over `params`.
     ///
     /// # Safety

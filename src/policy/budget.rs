@@ -7,6 +7,10 @@
 
 use crate::error::{Error, Result};
 
+/// Most layers [`pyramid`] plans for (models have a few hundred at most); the bound keeps a
+/// mistaken count from allocating a budget list of that size.
+pub const MAX_LAYERS: usize = 1 << 16;
+
 /// SnapKV: every layer and head keeps `capacity` tokens (window included).
 pub fn uniform(capacity: u32, window: u32) -> Result<u32> {
     if capacity <= window {
@@ -27,12 +31,13 @@ pub fn uniform(capacity: u32, window: u32) -> Result<u32> {
 /// Below `q < C` nothing is compressed (every budget is `q`); below `q < 2B` every layer gets the
 /// uniform SnapKV budget `C`. The integer floors make the total overshoot `L * C` (the SPEC
 /// example C = 128, W = 8, L = 32 keeps 4016 prefix tokens instead of 3840); that is kept.
+/// `layers` is at most [`MAX_LAYERS`].
 pub fn pyramid(capacity: u32, window: u32, layers: usize, prompt_len: u32, beta: u32) -> Result<Vec<u32>> {
     if capacity <= window {
         return Err(Error::invalid("capacity", format!("{capacity} must exceed window {window}")));
     }
-    if layers < 2 {
-        return Err(Error::invalid("layers", format!("{layers}: the pyramid needs at least 2 layers")));
+    if !(2..=MAX_LAYERS).contains(&layers) {
+        return Err(Error::invalid("layers", format!("{layers} is outside 2..={MAX_LAYERS}")));
     }
     if beta == 0 {
         return Err(Error::invalid("beta", "must be at least 1"));
@@ -130,10 +135,20 @@ pub fn headkv(importance: &[f32], base_capacity: u32, window: u32, opts: &HeadKv
     if total == 0.0 {
         return Err(Error::invalid("importance", "all scores are zero"));
     }
+    // An infinite sum would make every share 0 (or NaN) and the budgets meaningless.
+    if !total.is_finite() {
+        return Err(Error::invalid("importance", "the scores' sum overflows f32"));
+    }
     let mut s: Vec<f32> = importance.iter().map(|&x| x / total).collect();
     if opts.variant == HeadKvVariant::HeadKvRepo {
         s.iter_mut().for_each(|x| *x = x.powf(opts.temp));
         let t = sum(&s);
+        if !(t.is_finite() && t > 0.0) {
+            return Err(Error::invalid(
+                "temp",
+                format!("{}: every share raised to it underflows to 0 (sum {t})", opts.temp),
+            ));
+        }
         s.iter_mut().for_each(|x| *x /= t);
     }
     // Python: B // beta with a float beta is floor(B / beta), as a float.
@@ -146,7 +161,9 @@ pub fn headkv(importance: &[f32], base_capacity: u32, window: u32, opts: &HeadKv
             if !(0.0..=i32::MAX as f32).contains(&cap) {
                 return Err(Error::invalid("base_capacity", format!("head budget {cap} is out of range")));
             }
-            Ok(cap as u32 + window)
+            (cap as u32).checked_add(window).ok_or_else(|| {
+                Error::invalid("window", format!("{window} + head budget {cap} overflows u32"))
+            })
         })
         .collect()
 }

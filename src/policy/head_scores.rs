@@ -33,6 +33,14 @@ impl HeadScores {
                 .split_once('-')
                 .and_then(|(l, h)| Some((l.parse::<usize>().ok()?, h.parse::<usize>().ok()?)))
                 .ok_or_else(|| Error::invalid(field(), "keys must be \"layer-head\""))?;
+            // A full grid of n keys has at most n layers and n heads; checking here keeps the
+            // grid arithmetic below from overflowing on a key like "18446744073709551615-0".
+            if l >= obj.len() || h >= obj.len() {
+                return Err(Error::invalid(
+                    field(),
+                    format!("index {l}-{h} cannot be part of a full grid of {} keys", obj.len()),
+                ));
+            }
             let list = list.as_array().ok_or_else(|| Error::invalid(field(), "value is not a list"))?;
             if list.is_empty() {
                 return Err(Error::invalid(field(), "empty list"));
@@ -42,11 +50,12 @@ impl HeadScores {
                 let x = x.as_f64().ok_or_else(|| Error::invalid(field(), format!("{x} is not a number")))?;
                 sum += x;
             }
-            let mean = sum / list.len() as f64;
+            // Importances are stored as f32: a mean finite in f64 may still overflow there.
+            let mean = (sum / list.len() as f64) as f32;
             if !mean.is_finite() {
-                return Err(Error::invalid(field(), "the mean is not finite"));
+                return Err(Error::invalid(field(), "the mean is not a finite f32"));
             }
-            entries.push((l, h, mean as f32));
+            entries.push((l, h, mean));
         }
         let layers = entries.iter().map(|e| e.0).max().unwrap() + 1;
         let heads = entries.iter().map(|e| e.1).max().unwrap() + 1;

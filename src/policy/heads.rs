@@ -153,10 +153,20 @@ pub struct FullHeads {
     full: Vec<bool>,
 }
 
+/// Most heads (layers x KV heads) [`FullHeads::all_full`] builds; real models have a few
+/// thousand. The bound keeps a mistaken count from allocating that many flags.
+pub const MAX_HEADS: usize = 1 << 20;
+
 impl FullHeads {
-    /// Every head full (the uncompressed baseline).
-    pub fn all_full(layers: usize, kv_heads: usize) -> FullHeads {
-        FullHeads { layers, kv_heads, full: vec![true; layers * kv_heads] }
+    /// Every head full (the uncompressed baseline); at most [`MAX_HEADS`] heads in all.
+    pub fn all_full(layers: usize, kv_heads: usize) -> Result<FullHeads> {
+        match layers.checked_mul(kv_heads) {
+            Some(n) if n <= MAX_HEADS => Ok(FullHeads { layers, kv_heads, full: vec![true; n] }),
+            _ => Err(Error::invalid(
+                "layers * kv_heads",
+                format!("{layers} * {kv_heads} exceeds {MAX_HEADS} heads"),
+            )),
+        }
     }
 
     /// Whether (`layer`, `kv_head`) keeps a full cache.
@@ -215,22 +225,24 @@ impl FullHeads {
 pub fn duo_attention_config(text: &str) -> Result<StreamingSize> {
     let v: serde_json::Value =
         serde_json::from_str(text).map_err(|e| Error::invalid("config.json", e.to_string()))?;
-    let field = |deploy: &str, train: &str| -> Result<u32> {
-        let x = v
-            .get(deploy)
-            .filter(|x| !x.is_null())
-            .or_else(|| v.get(train))
-            .ok_or_else(|| Error::invalid(format!("config.json {train}"), "missing"))?;
-        x.as_u64().filter(|&n| n <= u64::from(u32::MAX)).map(|n| n as u32).ok_or_else(|| {
-            Error::invalid(format!("config.json {train}"), format!("{x} is not a token count"))
-        })
+    // Errors name the key actually read: the deploy key when it is set, else the training one.
+    let field = |deploy: &'static str, train: &'static str| -> Result<(u32, &'static str)> {
+        let (key, x) = match v.get(deploy).filter(|x| !x.is_null()) {
+            Some(x) => (deploy, x),
+            None => (
+                train,
+                v.get(train).ok_or_else(|| Error::invalid(format!("config.json {train}"), "missing"))?,
+            ),
+        };
+        let n = x.as_u64().filter(|&n| n <= u64::from(u32::MAX)).ok_or_else(|| {
+            Error::invalid(format!("config.json {key}"), format!("{x} is not a token count"))
+        })?;
+        Ok((n as u32, key))
     };
-    let size = StreamingSize {
-        sink: field("deploy_sink_size", "sink_size")?,
-        window: field("deploy_recent_size", "recent_size")?,
-    };
-    if size.window == 0 {
-        return Err(Error::invalid("config.json recent_size", "must be at least 1"));
+    let (sink, _) = field("deploy_sink_size", "sink_size")?;
+    let (window, window_key) = field("deploy_recent_size", "recent_size")?;
+    if window == 0 {
+        return Err(Error::invalid(format!("config.json {window_key}"), "must be at least 1"));
     }
-    Ok(size)
+    Ok(StreamingSize { sink, window })
 }

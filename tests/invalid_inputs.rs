@@ -1,0 +1,1864 @@
+//! Invalid-input battery (issue 8): every public entry point is driven with invalid inputs and
+//! must return the typed error that names the argument at fault, never panic (each call runs
+//! under `catch_unwind`), and never launch a kernel on the way to an error (the cache entry
+//! points run on `Counting`, an emulator store that counts launches). One test runs it all and
+//! prints a table of cases / errors / ok controls / panics / launches per entry point
+//! (`cargo test --test invalid_inputs -- --nocapture`); it asserts no failure, no panic and at
+//! least 100k cases. `HEADWISE_BIG_SWEEPS=1` runs ten times as many.
+//!
+//! Adding an entry point (prefill select, R-KV eviction, the C ABI, ...):
+//! 1. write `fn my_entry(b: &mut Battery)` that calls `b.run("name", cases, strategy, |p, input|
+//!    ...)`: generate an input with exactly one known fault (or a valid control), then
+//!    `p.call(Expect::Invalid(field), || the_call(...))?` for each call it makes. `Expect` says
+//!    what must come back (`Invalid` with that exact field, `InvalidWhere` for inputs where any
+//!    of several real faults may be reported, `SegmentFull`, `Ok` for controls). Calls that
+//!    launch kernels go through `Counting` so an error after a launch is caught; keep launching
+//!    controls few (`b.controls`), since kernels are slow in the emulator;
+//! 2. list the function in `ENTRY_POINTS`.
+//!
+//! Not constructible here: misaligned buffers (`EmuBuf` is always 256-byte aligned; misaligned
+//! engine memory enters only through the `unsafe` `GpuBuf::borrowed`), and buffers of another
+//! device (the GPU store's check, `Store::check_buf`, needs two GPUs). Not driven: the CPU
+//! oracle in `reference` (test support with documented shape preconditions) and accessors that
+//! index like a slice (`LayerLayout::segment`, `HeadGates::gate`, `Segment::row`, ...).
+
+use half::bf16;
+use headwise::attention::{AttentionOptions, AttentionWorkspace, MAX_GROUP, MAX_SPLITS};
+use headwise::dtype::{SUPPORTED_HEAD_DIMS, check_head_dim};
+use headwise::layout::{LayerLayout, LayoutBuilder, MAX_BUILDER_SEGMENTS, MAX_ROWS, Segment, SegmentMode};
+use headwise::params::HwLaunch;
+use headwise::policy::budget::{self, HeadKvOptions, HeadKvVariant};
+use headwise::policy::head_scores::HeadScores;
+use headwise::policy::heads::{FullHeads, HeadGates, MAX_HEADS, StreamingSize, duo_attention_config};
+use headwise::store::{Elem, KernelParams};
+use headwise::{EmuBuf, EmuStore, Error, GpuStore, LayerCache, Store};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use std::cell::{Cell, RefCell};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::rc::Rc;
+use std::time::Instant;
+
+const ENTRY_POINTS: &[fn(&mut Battery)] = &[
+    layout_new,
+    layout_builder,
+    layout_regrown,
+    gates_parse_tsv,
+    gates_select_full,
+    full_heads_layer_layout,
+    full_heads_all_full,
+    duo_config,
+    head_scores_parse_json,
+    head_scores_to_kv_heads,
+    budget_uniform,
+    budget_pyramid,
+    budget_headkv,
+    head_dim_check,
+    cache_new,
+    cache_from_parts,
+    cache_append,
+    cache_regrow,
+    cache_relayout_into,
+    cache_attention,
+    emu_store,
+    gpu_store_new,
+];
+
+#[test]
+fn invalid_inputs_battery() {
+    let start = Instant::now();
+    let mut battery = Battery::default();
+    for entry in ENTRY_POINTS {
+        entry(&mut battery);
+    }
+    battery.report(start.elapsed().as_secs_f64());
+}
+
+/// The library bugs this battery found, as fixed cases (the battery draws them at random).
+#[test]
+fn library_bugs_found_by_the_battery() {
+    let field = |r: Result<(), Error>| match r {
+        Err(Error::Invalid { field, .. }) => field,
+        other => panic!("expected Error::Invalid, got {other:?}"),
+    };
+    // A key index near usize::MAX overflowed the grid size (a panic in debug builds).
+    let text = r#"{"0-0": [1], "18446744073709551615-0": [1]}"#;
+    assert_eq!(field(HeadScores::parse_json(text).map(drop)), r#"head scores key "18446744073709551615-0""#);
+    // HeadKV: a budget plus a window near u32::MAX overflowed (a panic in debug builds).
+    let factory = HeadKvOptions { variant: HeadKvVariant::KvCacheFactory, ..Default::default() };
+    assert_eq!(field(budget::headkv(&[1.0, 2.0], 12, u32::MAX, &factory).map(drop)), "window");
+    // HeadKV: scores summing past f32::MAX gave every head the floor (factory) or blamed
+    // base_capacity; a temp that underflows every share also blamed base_capacity.
+    let repo = HeadKvOptions::default();
+    for o in [&repo, &factory] {
+        assert_eq!(field(budget::headkv(&[f32::MAX, f32::MAX], 100, 8, o).map(drop)), "importance");
+    }
+    let sharp = HeadKvOptions { temp: 1e30, ..Default::default() };
+    assert_eq!(field(budget::headkv(&[1.0, 1.0], 100, 8, &sharp).map(drop)), "temp");
+    // PyramidKV: an absurd layer count allocated its budget list (capacity overflow panic, or an
+    // allocation failure that aborts the process).
+    for layers in [usize::MAX, 1 << 40, budget::MAX_LAYERS + 1] {
+        assert_eq!(field(budget::pyramid(100, 8, layers, 50, 20).map(drop)), "layers");
+    }
+    assert_eq!(budget::pyramid(100, 8, budget::MAX_LAYERS, 50, 20).unwrap().len(), budget::MAX_LAYERS);
+    // all_full multiplied layers * kv_heads unchecked (overflow panic) and allocated the product.
+    assert_eq!(field(FullHeads::all_full(usize::MAX, 2).map(drop)), "layers * kv_heads");
+    assert_eq!(field(FullHeads::all_full(1 << 40, 1).map(drop)), "layers * kv_heads");
+    assert_eq!(FullHeads::all_full(2, 3).unwrap().count_full(), 6);
+    // config.json: a bad deploy_* value was reported under the training key's name.
+    let text = r#"{"sink_size": 4, "recent_size": 8, "deploy_recent_size": 0}"#;
+    assert_eq!(field(duo_attention_config(text).map(drop)), "config.json deploy_recent_size");
+    let text = r#"{"sink_size": 4, "recent_size": 8, "deploy_sink_size": -1}"#;
+    assert_eq!(field(duo_attention_config(text).map(drop)), "config.json deploy_sink_size");
+    assert_eq!(field(duo_attention_config(r#"{"sink_size": 4}"#).map(drop)), "config.json recent_size");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The harness.
+
+/// What one call must return.
+#[derive(Clone)]
+enum Expect {
+    /// `Error::Invalid` naming exactly this field.
+    Invalid(String),
+    /// `Error::Invalid` whose field the predicate confirms is really at fault (inputs with
+    /// several faults, any of which may be reported first).
+    InvalidWhere(&'static str, Rc<dyn Fn(&str) -> bool>),
+    /// `Error::SegmentFull` naming this segment.
+    SegmentFull(usize),
+    /// `Error::NoGpu` or `Error::NoKernels`.
+    NoDevice,
+    /// A valid control: must succeed.
+    Ok,
+}
+
+fn invalid(field: impl Into<String>) -> Expect {
+    Expect::Invalid(field.into())
+}
+
+impl std::fmt::Debug for Expect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Expect::Invalid(field) => write!(f, "Invalid({field:?})"),
+            Expect::InvalidWhere(what, _) => write!(f, "Invalid(field where {what})"),
+            Expect::SegmentFull(s) => write!(f, "SegmentFull({s})"),
+            Expect::NoDevice => write!(f, "NoGpu or NoKernels"),
+            Expect::Ok => write!(f, "Ok"),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Tally {
+    cases: u64,
+    errors: u64,
+    oks: u64,
+    panics: u64,
+    launches: u64,
+    seconds: f64,
+    failure: Option<String>,
+}
+
+/// Runs calls of one entry point and tallies them.
+struct Probe<'a> {
+    tally: &'a RefCell<Tally>,
+    launches: Rc<Cell<u64>>,
+}
+
+impl Probe<'_> {
+    /// Runs `f` once: it must not panic, must return what `expect` says, and must not have
+    /// launched anything if it failed.
+    fn call<T>(
+        &self,
+        expect: Expect,
+        f: impl FnOnce() -> headwise::Result<T>,
+    ) -> Result<Option<T>, TestCaseError> {
+        let before = self.launches.get();
+        let got = catch_unwind(AssertUnwindSafe(f));
+        let launched = self.launches.get() - before;
+        let mut t = self.tally.borrow_mut();
+        t.cases += 1;
+        t.launches += launched;
+        let got = match got {
+            Ok(r) => r,
+            Err(panic) => {
+                t.panics += 1;
+                let msg = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                return Err(TestCaseError::fail(format!("panicked ({msg}); expected {expect:?}")));
+            }
+        };
+        let e = match got {
+            Ok(v) => {
+                t.oks += 1;
+                return match expect {
+                    Expect::Ok => Ok(Some(v)),
+                    _ => Err(TestCaseError::fail(format!("returned Ok; expected {expect:?}"))),
+                };
+            }
+            Err(e) => e,
+        };
+        t.errors += 1;
+        if launched > 0 {
+            return Err(TestCaseError::fail(format!("{e} came after {launched} launch(es)")));
+        }
+        let ok = match (&expect, &e) {
+            (Expect::Invalid(want), Error::Invalid { field, reason }) => field == want && !reason.is_empty(),
+            (Expect::InvalidWhere(_, real), Error::Invalid { field, reason }) => {
+                real(field) && !reason.is_empty()
+            }
+            (Expect::SegmentFull(want), Error::SegmentFull { segment, .. }) => segment == want,
+            (Expect::NoDevice, Error::NoGpu(_) | Error::NoKernels) => true,
+            _ => false,
+        };
+        if ok { Ok(None) } else { Err(TestCaseError::fail(format!("got {e:?}; expected {expect:?}"))) }
+    }
+}
+
+#[derive(Default)]
+struct Battery {
+    entries: Vec<(&'static str, Tally)>,
+    launches: Rc<Cell<u64>>,
+}
+
+impl Battery {
+    fn scale() -> u32 {
+        if std::env::var("HEADWISE_BIG_SWEEPS").is_ok_and(|v| v == "1") { 10 } else { 1 }
+    }
+
+    fn tally(&mut self, name: &'static str) -> &mut Tally {
+        if let Some(i) = self.entries.iter().position(|(n, _)| *n == name) {
+            return &mut self.entries[i].1;
+        }
+        self.entries.push((name, Tally::default()));
+        &mut self.entries.last_mut().unwrap().1
+    }
+
+    /// `cases` generated inputs (times the sweep scale) through `test`; the first failure is
+    /// shrunk by proptest and recorded against `name`.
+    fn run<S: Strategy>(
+        &mut self,
+        name: &'static str,
+        cases: u32,
+        strategy: S,
+        test: impl Fn(&Probe, S::Value) -> Result<(), TestCaseError>,
+    ) {
+        let config = Config { cases: cases * Self::scale(), failure_persistence: None, ..Config::default() };
+        self.with_probe(name, |probe| {
+            TestRunner::new(config).run(&strategy, |v| test(probe, v)).err().map(|e| e.to_string())
+        });
+    }
+
+    /// Fixed cases (launching controls, one-off edges) counted against `name`.
+    fn controls(&mut self, name: &'static str, test: impl FnOnce(&Probe) -> Result<(), TestCaseError>) {
+        self.with_probe(name, |probe| test(probe).err().map(|e| format!("control: {e}")));
+    }
+
+    fn with_probe(&mut self, name: &'static str, f: impl FnOnce(&Probe) -> Option<String>) {
+        let cell = RefCell::new(Tally::default());
+        let start = Instant::now();
+        let failure = f(&Probe { tally: &cell, launches: self.launches.clone() });
+        let add = cell.into_inner();
+        let seconds = start.elapsed().as_secs_f64();
+        let t = self.tally(name);
+        t.cases += add.cases;
+        t.errors += add.errors;
+        t.oks += add.oks;
+        t.panics += add.panics;
+        t.launches += add.launches;
+        t.seconds += seconds;
+        if t.failure.is_none() {
+            t.failure = failure;
+        }
+    }
+
+    fn report(&self, seconds: f64) {
+        let sum = |f: fn(&Tally) -> u64| self.entries.iter().map(|(_, t)| f(t)).sum::<u64>();
+        let mut out = format!(
+            "\ninvalid-input battery: {} entry points, {seconds:.1} s\n{:<34}{:>9}{:>9}{:>8}{:>8}{:>10}{:>8}\n",
+            self.entries.len(),
+            "entry point",
+            "cases",
+            "errors",
+            "ok",
+            "panics",
+            "launches",
+            "s"
+        );
+        for (name, t) in &self.entries {
+            out += &format!(
+                "{name:<34}{:>9}{:>9}{:>8}{:>8}{:>10}{:>8.2}{}\n",
+                t.cases,
+                t.errors,
+                t.oks,
+                t.panics,
+                t.launches,
+                t.seconds,
+                if t.failure.is_some() { "  FAILED" } else { "" }
+            );
+        }
+        let (cases, panics) = (sum(|t| t.cases), sum(|t| t.panics));
+        out += &format!(
+            "{:<34}{cases:>9}{:>9}{:>8}{panics:>8}{:>10}{seconds:>8.2}\n",
+            "total",
+            sum(|t| t.errors),
+            sum(|t| t.oks),
+            sum(|t| t.launches)
+        );
+        eprintln!("{out}");
+        let failures: Vec<String> = self
+            .entries
+            .iter()
+            .filter_map(|(n, t)| t.failure.as_ref().map(|f| format!("{n}: {f}")))
+            .collect();
+        assert!(failures.is_empty(), "{} entry point(s) failed:\n{}", failures.len(), failures.join("\n"));
+        assert_eq!(panics, 0);
+        assert!(cases >= 100_000, "only {cases} cases");
+    }
+}
+
+/// The emulator store, counting launches so the battery can tell that no error came after one.
+#[derive(Clone)]
+struct Counting(Rc<Cell<u64>>);
+
+static EMU: EmuStore = EmuStore;
+
+impl Store for Counting {
+    type Buf<T: Elem> = EmuBuf<T>;
+    type Pins<'a> = ();
+
+    fn upload<T: Elem>(&self, data: &[T]) -> headwise::Result<EmuBuf<T>> {
+        EMU.upload(data)
+    }
+    fn zeros<T: Elem>(&self, n: usize) -> headwise::Result<EmuBuf<T>> {
+        EMU.zeros(n)
+    }
+    fn download<T: Elem>(&self, buf: &EmuBuf<T>) -> headwise::Result<Vec<T>> {
+        EMU.download(buf)
+    }
+    fn overwrite<T: Elem>(&self, buf: &mut EmuBuf<T>, data: &[T]) -> headwise::Result<()> {
+        EMU.overwrite(buf, data)
+    }
+    fn len<T: Elem>(buf: &EmuBuf<T>) -> usize {
+        <EmuStore as Store>::len(buf)
+    }
+    fn sm_count(&self) -> usize {
+        EMU.sm_count()
+    }
+    fn check_buf<T: Elem>(&self, field: &str, buf: &EmuBuf<T>) -> headwise::Result<()> {
+        EMU.check_buf(field, buf)
+    }
+    fn addr<'a, T: Elem>(&'a self, field: &str, buf: &'a EmuBuf<T>, pins: &mut ()) -> headwise::Result<u64> {
+        EMU.addr(field, buf, pins)
+    }
+    fn addr_mut<'a, T: Elem>(
+        &'a self,
+        field: &str,
+        buf: &'a mut EmuBuf<T>,
+        pins: &mut (),
+    ) -> headwise::Result<u64> {
+        EMU.addr_mut(field, buf, pins)
+    }
+    unsafe fn launch<P: KernelParams>(
+        &self,
+        name: &'static str,
+        cfg: &HwLaunch,
+        params: &P,
+    ) -> headwise::Result<()> {
+        self.0.set(self.0.get() + 1);
+        // SAFETY: forwarded; the caller's contract is EmuStore::launch's.
+        unsafe { EMU.launch(name, cfg, params) }
+    }
+}
+
+fn store(p: &Probe) -> Counting {
+    Counting(p.launches.clone())
+}
+
+fn check(cond: bool, what: impl FnOnce() -> String) -> Result<(), TestCaseError> {
+    if cond { Ok(()) } else { Err(TestCaseError::fail(what())) }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Layouts.
+
+/// A valid segment table: segments packed in index order with small gaps, Full and Streaming
+/// (some with a wrapped ring), some of capacity 0.
+#[derive(Clone, Debug)]
+struct Table {
+    batch: usize,
+    kv_heads: usize,
+    total_rows: u64,
+    segs: Vec<Segment>,
+}
+
+fn end(s: &Segment) -> u64 {
+    u64::from(s.offset) + u64::from(s.capacity)
+}
+
+fn table() -> impl Strategy<Value = Table> {
+    (1usize..=3, 1usize..=3)
+        .prop_flat_map(|(batch, kv_heads)| {
+            let spec = (0u8..3, 0u32..6, 0u32..6, 0u32..3, any::<u32>());
+            (Just(batch), Just(kv_heads), prop::collection::vec(spec, batch * kv_heads), 0u64..3)
+        })
+        .prop_map(|(batch, kv_heads, specs, extra)| {
+            let mut off = 0u32;
+            let mut segs = Vec::new();
+            for (kind, a, b, gap, r) in specs {
+                off += gap;
+                let s = if kind < 2 {
+                    Segment::full(off, a + b, a)
+                } else {
+                    let (sink, window) = (a % 4, b + 1);
+                    let len = r % (sink + window + 1);
+                    let ring_head = if len == sink + window { (r / 7) % window } else { 0 };
+                    Segment { len, ring_head, ..Segment::streaming(off, sink, window) }
+                };
+                off += s.capacity;
+                segs.push(s);
+            }
+            Table { batch, kv_heads, total_rows: u64::from(off) + extra, segs }
+        })
+}
+
+#[derive(Clone, Debug)]
+enum LayoutFault {
+    None,
+    SegmentCount(bool),
+    BatchZero,
+    KvHeadsZero,
+    TotalRowsAboveInt32(u64),
+    PastTheEnd(usize, u32),
+    OffsetNearU32Max(usize, u32),
+    LenAboveCapacity(usize, u32),
+    FullRingHead(usize, u32),
+    WindowZero(usize),
+    SinkPlusWindowMismatch(usize, u32),
+    RingHeadOutOfRange(usize, u32),
+    Overlap(usize, usize, u32),
+    EndsAtInt32Max,
+    PastInt32Max(u32),
+}
+
+fn layout_fault() -> impl Strategy<Value = LayoutFault> {
+    let i = 0usize..9;
+    let x = any::<u32>();
+    prop_oneof![
+        Just(LayoutFault::None),
+        any::<bool>().prop_map(LayoutFault::SegmentCount),
+        Just(LayoutFault::BatchZero),
+        Just(LayoutFault::KvHeadsZero),
+        (0u64..1 << 40).prop_map(LayoutFault::TotalRowsAboveInt32),
+        (i.clone(), x).prop_map(|(i, x)| LayoutFault::PastTheEnd(i, x)),
+        (i.clone(), 0u32..64).prop_map(|(i, x)| LayoutFault::OffsetNearU32Max(i, x)),
+        (i.clone(), x).prop_map(|(i, x)| LayoutFault::LenAboveCapacity(i, x)),
+        (i.clone(), x).prop_map(|(i, x)| LayoutFault::FullRingHead(i, x)),
+        i.clone().prop_map(LayoutFault::WindowZero),
+        (i.clone(), 0u32..1000).prop_map(|(i, x)| LayoutFault::SinkPlusWindowMismatch(i, x)),
+        (i.clone(), x).prop_map(|(i, x)| LayoutFault::RingHeadOutOfRange(i, x)),
+        (i.clone(), i, x).prop_map(|(i, j, x)| LayoutFault::Overlap(i, j, x)),
+        Just(LayoutFault::EndsAtInt32Max),
+        x.prop_map(LayoutFault::PastInt32Max),
+    ]
+}
+
+/// The first segment at or after `i` (cyclically) that satisfies `pred`.
+fn pick(segs: &[Segment], i: usize, pred: impl Fn(&Segment) -> bool) -> Option<usize> {
+    (0..segs.len()).map(|k| (i + k) % segs.len()).find(|&k| pred(&segs[k]))
+}
+
+fn overlaps(a: &Segment, b: &Segment) -> bool {
+    a.capacity > 0 && b.capacity > 0 && u64::from(a.offset) < end(b) && u64::from(b.offset) < end(a)
+}
+
+/// Breaks `t` in the one way `fault` says and returns what `LayerLayout::new` must report. A
+/// fault that needs a kind of segment the table lacks becomes `len > capacity` on segment `i`.
+fn apply(t: &mut Table, fault: &LayoutFault) -> Expect {
+    let n = t.segs.len();
+    let seg = |i: usize, f: &str| invalid(format!("segments[{i}].{f}"));
+    let len_fault = |t: &mut Table, i: usize, x: u32| {
+        let s = &mut t.segs[i % n];
+        s.len = s.capacity.saturating_add(1).saturating_add(x % 1000);
+        seg(i % n, "len")
+    };
+    match *fault {
+        LayoutFault::None => Expect::Ok,
+        LayoutFault::SegmentCount(add) => {
+            if add {
+                t.segs.push(Segment::full(0, 0, 0));
+            } else {
+                t.segs.pop();
+            }
+            invalid("segments")
+        }
+        LayoutFault::BatchZero => {
+            t.batch = 0;
+            invalid("batch")
+        }
+        LayoutFault::KvHeadsZero => {
+            t.kv_heads = 0;
+            invalid("kv_heads")
+        }
+        LayoutFault::TotalRowsAboveInt32(x) => {
+            t.total_rows = MAX_ROWS + 1 + x;
+            invalid("total_rows")
+        }
+        LayoutFault::PastTheEnd(i, x) => match pick(&t.segs, i, |s| s.capacity > 0) {
+            Some(k) => {
+                let s = &mut t.segs[k];
+                let beyond = 1 + u64::from(x) % 3;
+                s.offset = (t.total_rows + beyond - u64::from(s.capacity)) as u32;
+                seg(k, "capacity")
+            }
+            None => len_fault(t, i, x),
+        },
+        LayoutFault::OffsetNearU32Max(i, x) => {
+            let s = &mut t.segs[i % n];
+            s.offset = u32::MAX - x;
+            s.capacity = s.capacity.max(x + 1);
+            s.len = 0;
+            s.ring_head = 0;
+            if let SegmentMode::Streaming { .. } = s.mode {
+                s.mode = SegmentMode::Streaming { sink: s.capacity - 1, window: 1 };
+            }
+            seg(i % n, "capacity")
+        }
+        LayoutFault::LenAboveCapacity(i, x) => len_fault(t, i, x),
+        LayoutFault::FullRingHead(i, x) => match pick(&t.segs, i, |s| s.mode == SegmentMode::Full) {
+            Some(k) => {
+                t.segs[k].ring_head = x.max(1);
+                seg(k, "ring_head")
+            }
+            None => len_fault(t, i, x),
+        },
+        LayoutFault::WindowZero(i) => {
+            match pick(&t.segs, i, |s| matches!(s.mode, SegmentMode::Streaming { .. })) {
+                Some(k) => {
+                    let s = &mut t.segs[k];
+                    s.mode = SegmentMode::Streaming { sink: s.capacity, window: 0 };
+                    s.ring_head = 0;
+                    seg(k, "mode.window")
+                }
+                None => len_fault(t, i, 0),
+            }
+        }
+        LayoutFault::SinkPlusWindowMismatch(i, x) => {
+            match pick(&t.segs, i, |s| matches!(s.mode, SegmentMode::Streaming { .. })) {
+                Some(k) => {
+                    let s = &mut t.segs[k];
+                    if let SegmentMode::Streaming { sink, window } = s.mode {
+                        s.mode = SegmentMode::Streaming { sink: sink + 1 + x, window };
+                    }
+                    seg(k, "capacity")
+                }
+                None => len_fault(t, i, x),
+            }
+        }
+        LayoutFault::RingHeadOutOfRange(i, x) => {
+            match pick(&t.segs, i, |s| matches!(s.mode, SegmentMode::Streaming { .. })) {
+                Some(k) => {
+                    let s = &mut t.segs[k];
+                    let SegmentMode::Streaming { window, .. } = s.mode else { unreachable!() };
+                    // A full ring: beyond the window; filling: anything but 0.
+                    s.ring_head =
+                        if s.len == s.capacity { window.saturating_add(x % 1000) } else { x.max(1) };
+                    seg(k, "ring_head")
+                }
+                None => len_fault(t, i, x),
+            }
+        }
+        LayoutFault::Overlap(i, j, x) => {
+            let Some(a) = pick(&t.segs, i, |s| s.capacity > 0) else { return len_fault(t, i, x) };
+            let Some(b) = pick(&t.segs, j, |s| s.capacity > 0).filter(|&b| b != a) else {
+                return len_fault(t, i, x);
+            };
+            let start = t.segs[a].offset + x % t.segs[a].capacity;
+            t.segs[b].offset = start;
+            t.total_rows = t.total_rows.max(end(&t.segs[b]));
+            let segs = t.segs.clone();
+            // Which of the overlapping segments is reported depends on the sort order; any one
+            // that really overlaps another is right.
+            Expect::InvalidWhere(
+                "the named segment overlaps another",
+                Rc::new(move |field| {
+                    let k = field.strip_prefix("segments[").and_then(|r| r.strip_suffix(']'));
+                    k.and_then(|k| k.parse::<usize>().ok()).is_some_and(|k| {
+                        k < segs.len() && (0..segs.len()).any(|o| o != k && overlaps(&segs[k], &segs[o]))
+                    })
+                }),
+            )
+        }
+        LayoutFault::EndsAtInt32Max | LayoutFault::PastInt32Max(_) => {
+            // Shift the table so it ends exactly at the last row int32 metadata can address.
+            let top = t.segs.iter().map(end).max().unwrap_or(0);
+            let shift = (MAX_ROWS - top) as u32;
+            for s in &mut t.segs {
+                s.offset += shift;
+            }
+            t.total_rows = MAX_ROWS;
+            let LayoutFault::PastInt32Max(x) = *fault else { return Expect::Ok };
+            match pick(&t.segs, 0, |s| end(s) == MAX_ROWS && s.mode == SegmentMode::Full) {
+                Some(k) => {
+                    t.segs[k].capacity += 1 + x % 1000;
+                    seg(k, "capacity")
+                }
+                None => len_fault(t, 0, x),
+            }
+        }
+    }
+}
+
+fn layout_new(b: &mut Battery) {
+    b.run("LayerLayout::new", 30_000, (table(), layout_fault()), |p, (mut t, fault)| {
+        let expect = apply(&mut t, &fault);
+        let Table { batch, kv_heads, total_rows, segs } = t.clone();
+        let ok = matches!(expect, Expect::Ok);
+        if let Some(l) = p.call(expect, || LayerLayout::new(batch, kv_heads, total_rows, segs))? {
+            check(ok && l.segments() == &t.segs[..] && l.total_rows() as u64 == t.total_rows, || {
+                format!("accepted layout differs from its table: {l:?}")
+            })?;
+        }
+        Ok(())
+    });
+}
+
+#[derive(Clone, Debug)]
+enum BuilderFault {
+    None,
+    OutsideGrid(usize, usize),
+    WindowZero(usize),
+    HugeLen(usize, u32),
+    HugeSink(usize, u32),
+    HugeHeadroom(u32),
+    TooManySegments(usize, usize),
+    BatchZero,
+    KvHeadsZero,
+}
+
+fn builder_fault() -> impl Strategy<Value = BuilderFault> {
+    prop_oneof![
+        Just(BuilderFault::None),
+        (0usize..20, 0usize..20).prop_map(|(b, h)| BuilderFault::OutsideGrid(b, h)),
+        (0usize..9).prop_map(BuilderFault::WindowZero),
+        (0usize..9, 0u32..16).prop_map(|(i, x)| BuilderFault::HugeLen(i, x)),
+        (0usize..9, 0u32..16).prop_map(|(i, x)| BuilderFault::HugeSink(i, x)),
+        (0u32..16).prop_map(BuilderFault::HugeHeadroom),
+        prop_oneof![
+            (MAX_BUILDER_SEGMENTS + 1..usize::MAX).prop_map(|n| (n, 1)),
+            (1usize << 13..1 << 20, 1usize << 12..1 << 20).prop_map(|(b, h)| (b, h)),
+            (2usize..64).prop_map(|h| (usize::MAX / 2 + 1, h)),
+        ]
+        .prop_map(|(b, h)| BuilderFault::TooManySegments(b, h)),
+        Just(BuilderFault::BatchZero),
+        Just(BuilderFault::KvHeadsZero),
+    ]
+}
+
+fn layout_builder(b: &mut Battery) {
+    let specs = prop::collection::vec((any::<bool>(), 0u32..10, 0u32..4, 1u32..6), 1..=9);
+    b.run(
+        "LayoutBuilder::build",
+        15_000,
+        (1usize..=3, specs, 0u32..8, builder_fault()),
+        |p, (batch, specs, headroom, fault)| {
+            // Specs fill slot after slot of a batch x kv_heads grid.
+            let kv_heads = specs.len().div_ceil(batch);
+            let (mut batch, mut kv_heads, mut headroom) = (batch, kv_heads, headroom);
+            let mut ops: Vec<(usize, usize, SegmentMode, u32)> = specs
+                .iter()
+                .enumerate()
+                .map(|(i, &(streaming, len, sink, window))| {
+                    let mode =
+                        if streaming { SegmentMode::Streaming { sink, window } } else { SegmentMode::Full };
+                    (i / kv_heads, i % kv_heads, mode, len)
+                })
+                .collect();
+            let n = batch * kv_heads;
+            let slot_of = |i: usize| i % n;
+            let expect = match fault {
+                BuilderFault::None => Expect::Ok,
+                BuilderFault::OutsideGrid(b, h) => {
+                    let (b, h) =
+                        if b % 2 == 0 { (batch + b, h % kv_heads) } else { (b % batch, kv_heads + h) };
+                    ops.push((b, h, SegmentMode::Full, 1));
+                    invalid("segment")
+                }
+                BuilderFault::WindowZero(i) => {
+                    let s = slot_of(i);
+                    ops.push((s / kv_heads, s % kv_heads, SegmentMode::Streaming { sink: 1, window: 0 }, 0));
+                    invalid(format!("segments[{s}].mode.window"))
+                }
+                BuilderFault::HugeLen(i, x) => {
+                    let s = slot_of(i);
+                    ops.push((s / kv_heads, s % kv_heads, SegmentMode::Full, u32::MAX - x));
+                    builder_overflow_at(&ops, batch, kv_heads, headroom)
+                }
+                BuilderFault::HugeSink(i, x) => {
+                    let s = slot_of(i);
+                    let mode = SegmentMode::Streaming { sink: (MAX_ROWS as u32) - x, window: 1 + x * 2 };
+                    ops.push((s / kv_heads, s % kv_heads, mode, 0));
+                    builder_overflow_at(&ops, batch, kv_heads, headroom)
+                }
+                BuilderFault::HugeHeadroom(x) => {
+                    headroom = u32::MAX - x;
+                    builder_overflow_at(&ops, batch, kv_heads, headroom)
+                }
+                BuilderFault::TooManySegments(b, h) => {
+                    (batch, kv_heads) = (b, h);
+                    invalid("batch * kv_heads")
+                }
+                BuilderFault::BatchZero => {
+                    (batch, ops) = (0, vec![]);
+                    invalid("batch")
+                }
+                BuilderFault::KvHeadsZero => {
+                    (kv_heads, ops) = (0, vec![]);
+                    invalid("kv_heads")
+                }
+            };
+            let ok = matches!(expect, Expect::Ok);
+            let built = p.call(expect, || {
+                let mut lb = LayoutBuilder::new(batch, kv_heads).headroom(headroom);
+                for &(b, h, mode, len) in &ops {
+                    lb = match mode {
+                        SegmentMode::Full => lb.full(b, h, len),
+                        SegmentMode::Streaming { sink, window } => lb.streaming(b, h, sink, window),
+                    };
+                }
+                lb.build()
+            })?;
+            if let Some(l) = built {
+                let total: u64 = l.segments().iter().map(|s| u64::from(s.capacity)).sum();
+                check(ok && l.total_rows() as u64 == total && l.segments().len() == n, || format!("{l:?}"))?;
+            }
+            Ok(())
+        },
+    );
+}
+
+/// The error a packed build must report when its rows overflow: the first segment whose
+/// prefix sum of capacities passes `MAX_ROWS` (the last op for a slot wins).
+fn builder_overflow_at(
+    ops: &[(usize, usize, SegmentMode, u32)],
+    batch: usize,
+    kv_heads: usize,
+    headroom: u32,
+) -> Expect {
+    let mut slots = vec![(SegmentMode::Full, 0u32); batch * kv_heads];
+    for &(b, h, mode, len) in ops {
+        slots[b * kv_heads + h] = (mode, len);
+    }
+    let mut total = 0u64;
+    for (i, &(mode, len)) in slots.iter().enumerate() {
+        total += match mode {
+            SegmentMode::Full => u64::from(len) + u64::from(headroom),
+            SegmentMode::Streaming { sink, window } => u64::from(sink) + u64::from(window),
+        };
+        if total > MAX_ROWS {
+            return invalid(format!("segments[{i}]"));
+        }
+    }
+    Expect::Ok
+}
+
+fn layout_regrown(b: &mut Battery) {
+    let headroom = prop_oneof![
+        0u32..64,
+        (0u32..1 << 20).prop_map(|x| u32::MAX - x),
+        (-4i64..4).prop_map(|d| {
+            // Around the largest headroom a one-Full-segment table can take.
+            (MAX_ROWS as i64 - 64 + d) as u32
+        })
+    ];
+    b.run("LayerLayout::regrown", 5_000, (table(), headroom), |p, (t, headroom)| {
+        let layout = LayerLayout::new(t.batch, t.kv_heads, t.total_rows, t.segs).unwrap();
+        let want: u64 = layout
+            .segments()
+            .iter()
+            .map(|s| match s.mode {
+                SegmentMode::Full => u64::from(s.len) + u64::from(headroom),
+                SegmentMode::Streaming { .. } => u64::from(s.capacity),
+            })
+            .sum();
+        let expect = if want > MAX_ROWS { invalid("headroom") } else { Expect::Ok };
+        if let Some(g) = p.call(expect, || layout.regrown(headroom))? {
+            check(g.total_rows() as u64 == want, || {
+                format!("regrown to {} rows, want {want}", g.total_rows())
+            })?;
+        }
+        Ok(())
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gate files and head policies.
+
+/// A valid gate file: rows of values (some outside [0, 1], clipped by the parser), written with
+/// assorted separators, number formats, blank lines and line endings.
+#[derive(Clone, Debug)]
+struct Tsv {
+    rows: Vec<Vec<String>>,
+    seps: Vec<&'static str>,
+    blank_before: Vec<bool>,
+    crlf: bool,
+}
+
+impl Tsv {
+    fn render(&self) -> (String, Vec<usize>) {
+        let nl = if self.crlf { "\r\n" } else { "\n" };
+        let (mut text, mut line_of, mut line) = (String::new(), Vec::new(), 1);
+        for (r, row) in self.rows.iter().enumerate() {
+            if self.blank_before[r] {
+                text += nl;
+                line += 1;
+            }
+            text += &row.join(self.seps[r]);
+            text += nl;
+            line_of.push(line);
+            line += 1;
+        }
+        (text, line_of)
+    }
+}
+
+fn number() -> impl Strategy<Value = String> {
+    (-0.5f64..1.5, 0u8..4).prop_map(|(x, f)| match f {
+        0 => format!("{x}"),
+        1 => format!("{x:e}"),
+        2 => format!("{x:.3}"),
+        _ => format!("{:+.2E}", x),
+    })
+}
+
+fn tsv() -> impl Strategy<Value = Tsv> {
+    (1usize..5, 1usize..6)
+        .prop_flat_map(|(l, h)| {
+            (
+                prop::collection::vec(prop::collection::vec(number(), h), l),
+                prop::collection::vec(prop::sample::select(vec!["\t", " ", "  ", "\t "]), l),
+                prop::collection::vec(prop::bool::weighted(0.2), l),
+                any::<bool>(),
+            )
+        })
+        .prop_map(|(rows, seps, blank_before, crlf)| Tsv { rows, seps, blank_before, crlf })
+}
+
+#[derive(Clone, Debug)]
+enum TsvFault {
+    None,
+    Empty(&'static str),
+    Ragged(usize, bool),
+    NotANumber(usize, usize, &'static str),
+    NotFinite(usize, usize, &'static str),
+    Truncated(usize),
+    Garbage(String),
+    Huge(usize, usize),
+}
+
+fn tsv_fault() -> impl Strategy<Value = TsvFault> {
+    let bad = ["abc", "0.5.5", "1,5", "--1", "0x10", "1e", "e5", "+-1", ".", "-", "1_000", "½", "0.5;"];
+    let non_finite = ["nan", "NaN", "inf", "-inf", "+infinity", "1e400", "-1e999", "Infinity"];
+    prop_oneof![
+        Just(TsvFault::None),
+        prop::sample::select(vec!["", "\n", "\n\n  \t\n", "\r\n", " "]).prop_map(TsvFault::Empty),
+        (0usize..5, any::<bool>()).prop_map(|(r, add)| TsvFault::Ragged(r, add)),
+        (0usize..5, 0usize..6, prop::sample::select(bad.to_vec()))
+            .prop_map(|(r, c, t)| TsvFault::NotANumber(r, c, t)),
+        (0usize..5, 0usize..6, prop::sample::select(non_finite.to_vec()))
+            .prop_map(|(r, c, t)| TsvFault::NotFinite(r, c, t)),
+        any::<usize>().prop_map(TsvFault::Truncated),
+        "[0-9a-z.eE+ \t\r\n-]{0,60}".prop_map(TsvFault::Garbage),
+        (1usize..20, 1usize..200).prop_map(|(l, h)| TsvFault::Huge(l, h)),
+    ]
+}
+
+/// The field a gate file's first fault must be reported under, from the documented format:
+/// lines, trimmed; fields split on tabs and spaces; finite floats; every row as wide as the
+/// first; at least one row.
+fn tsv_first_fault(text: &str) -> Option<String> {
+    let mut width = None;
+    for (i, line) in text.lines().enumerate() {
+        let fields: Vec<&str> = line.trim().split(['\t', ' ']).filter(|f| !f.is_empty()).collect();
+        if fields.is_empty() {
+            continue;
+        }
+        for (j, f) in fields.iter().enumerate() {
+            if !f.parse::<f64>().is_ok_and(f64::is_finite) {
+                return Some(format!("gates line {} column {}", i + 1, j + 1));
+            }
+        }
+        match width {
+            None => width = Some(fields.len()),
+            Some(w) if w != fields.len() => return Some(format!("gates line {}", i + 1)),
+            _ => {}
+        }
+    }
+    width.is_none().then(|| "gates".to_string())
+}
+
+fn gates_parse_tsv(b: &mut Battery) {
+    b.run("HeadGates::parse_tsv", 15_000, (tsv(), tsv_fault()), |p, (mut tsv, fault)| {
+        let (layers, width) = (tsv.rows.len(), tsv.rows[0].len());
+        let (text, expect) = match fault {
+            TsvFault::None => (tsv.render().0, Expect::Ok),
+            TsvFault::Empty(t) => (t.to_string(), invalid("gates")),
+            TsvFault::Ragged(r, add) => {
+                let r = r % layers;
+                if add || width == 1 {
+                    tsv.rows[r].push("0.5".into());
+                } else {
+                    tsv.rows[r].pop();
+                }
+                let (text, line_of) = tsv.render();
+                // Rows are compared with the first: changing the first puts the second at fault.
+                let expect = match r {
+                    0 if layers == 1 => Expect::Ok,
+                    0 => invalid(format!("gates line {}", line_of[1])),
+                    _ => invalid(format!("gates line {}", line_of[r])),
+                };
+                (text, expect)
+            }
+            TsvFault::NotANumber(r, c, tok) | TsvFault::NotFinite(r, c, tok) => {
+                let (r, c) = (r % layers, c % width);
+                tsv.rows[r][c] = tok.to_string();
+                let (text, line_of) = tsv.render();
+                (text, invalid(format!("gates line {} column {}", line_of[r], c + 1)))
+            }
+            TsvFault::Truncated(at) => {
+                let text = tsv.render().0;
+                let text = text[..at % text.len()].to_string(); // ASCII: every cut is a boundary
+                let expect = tsv_first_fault(&text).map_or(Expect::Ok, invalid);
+                (text, expect)
+            }
+            TsvFault::Garbage(text) => {
+                let expect = tsv_first_fault(&text).map_or(Expect::Ok, invalid);
+                (text, expect)
+            }
+            TsvFault::Huge(l, h) => {
+                let row = vec!["0.25"; h].join("\t");
+                (vec![row; l].join("\n"), Expect::Ok)
+            }
+        };
+        let ok = matches!(expect, Expect::Ok);
+        if let Some(g) = p.call(expect, || HeadGates::parse_tsv(&text))? {
+            check(ok && g.layers() >= 1 && g.kv_heads() >= 1, || "empty gates accepted".into())?;
+            let all_clipped =
+                (0..g.layers()).all(|l| (0..g.kv_heads()).all(|h| (0.0..=1.0).contains(&g.gate(l, h))));
+            check(all_clipped, || format!("unclipped gates from {text:?}"))?;
+        }
+        Ok(())
+    });
+}
+
+fn gates() -> HeadGates {
+    HeadGates::parse_tsv("0.9\t0.1\t0.5\n0.5\t1.0\t0.0\n0.3\t0.7\t0.2\n").unwrap()
+}
+
+fn gates_select_full(b: &mut Battery) {
+    let sparsity = prop_oneof![
+        Just(f64::NAN),
+        Just(f64::INFINITY),
+        Just(f64::NEG_INFINITY),
+        Just(-f64::MIN_POSITIVE),
+        Just(1.0 + f64::EPSILON),
+        -1e300f64..0.0,
+        1.0f64..1e300,
+        0.0f64..=1.0,
+        Just(-0.0),
+    ];
+    let g = gates();
+    b.run("HeadGates::select_full", 5_000, sparsity, |p, s| {
+        let expect = if (0.0..=1.0).contains(&s) { Expect::Ok } else { invalid("sparsity") };
+        if let Some(full) = p.call(expect, || g.select_full(s))? {
+            check(full.count_full() >= 1, || format!("sparsity {s}: no full head left"))?;
+        }
+        Ok(())
+    });
+}
+
+#[derive(Clone, Debug)]
+enum HeadLayoutFault {
+    None,
+    Layer(usize),
+    WindowZero,
+    HugeContext(usize, u32),
+    HugeHeadroom(u32),
+    NoSequences,
+}
+
+fn full_heads_layer_layout(b: &mut Battery) {
+    let fault = prop_oneof![
+        Just(HeadLayoutFault::None),
+        prop_oneof![3usize..100, Just(usize::MAX)].prop_map(HeadLayoutFault::Layer),
+        Just(HeadLayoutFault::WindowZero),
+        (0usize..4, 0u32..16).prop_map(|(s, x)| HeadLayoutFault::HugeContext(s, x)),
+        (0u32..16).prop_map(HeadLayoutFault::HugeHeadroom),
+        Just(HeadLayoutFault::NoSequences),
+    ];
+    let full = gates().select_full(0.5).unwrap();
+    let lens = prop::collection::vec(0u32..100, 1..4);
+    let size = (0u32..20, 1u32..20).prop_map(|(sink, window)| StreamingSize { sink, window });
+    b.run(
+        "FullHeads::layer_layout",
+        5_000,
+        (0usize..3, lens, 0u32..8, size, fault),
+        |p, (layer, mut lens, mut headroom, mut size, fault)| {
+            let mut layer = layer;
+            let expect = match fault {
+                HeadLayoutFault::None => Expect::Ok,
+                HeadLayoutFault::Layer(l) => {
+                    layer = l;
+                    invalid("layer")
+                }
+                HeadLayoutFault::WindowZero => {
+                    size.window = 0;
+                    invalid("size.window")
+                }
+                HeadLayoutFault::HugeContext(s, x) => {
+                    let s = s % lens.len();
+                    lens[s] = u32::MAX - x;
+                    packed_overflow(&full, layer, &lens, headroom, size)
+                }
+                HeadLayoutFault::HugeHeadroom(x) => {
+                    headroom = u32::MAX - x;
+                    packed_overflow(&full, layer, &lens, headroom, size)
+                }
+                HeadLayoutFault::NoSequences => {
+                    lens.clear();
+                    invalid("batch")
+                }
+            };
+            let ok = matches!(expect, Expect::Ok);
+            if let Some(l) = p.call(expect, || full.layer_layout(layer, &lens, headroom, size))? {
+                check(ok && l.segments().len() == lens.len() * full.kv_heads(), || format!("{l:?}"))?;
+            }
+            Ok(())
+        },
+    );
+}
+
+/// The first segment of a head-policy layout whose packed rows pass `MAX_ROWS`, if any.
+fn packed_overflow(
+    full: &FullHeads,
+    layer: usize,
+    lens: &[u32],
+    headroom: u32,
+    size: StreamingSize,
+) -> Expect {
+    let mut total = 0u64;
+    for (b, &len) in lens.iter().enumerate() {
+        for h in 0..full.kv_heads() {
+            total += if full.is_full(layer, h) {
+                u64::from(len) + u64::from(headroom)
+            } else {
+                u64::from(size.sink) + u64::from(size.window)
+            };
+            if total > MAX_ROWS {
+                return invalid(format!("segments[{}]", b * full.kv_heads() + h));
+            }
+        }
+    }
+    Expect::Ok
+}
+
+fn full_heads_all_full(b: &mut Battery) {
+    let dims = prop_oneof![
+        40 => (1usize..100, 1usize..100),
+        // The bound itself allocates a million flags: rare.
+        1 => Just((1usize << 10, 1usize << 10)),
+        20 => Just((1usize << 10, (1usize << 10) + 1)),
+        20 => (1usize << 12..1 << 20, 1usize << 13..1 << 20),
+        20 => (usize::MAX / 2..usize::MAX, 2usize..1000),
+        20 => (2usize..1000, usize::MAX / 2..usize::MAX),
+    ];
+    b.run("FullHeads::all_full", 2_000, dims, |p, (layers, kv_heads)| {
+        let small = layers.checked_mul(kv_heads).is_some_and(|n| n <= MAX_HEADS);
+        let expect = if small { Expect::Ok } else { invalid("layers * kv_heads") };
+        if let Some(f) = p.call(expect, || FullHeads::all_full(layers, kv_heads))? {
+            check(f.count_full() == layers * kv_heads, || "not all full".into())?;
+        }
+        Ok(())
+    });
+}
+
+/// One key of a DuoAttention config.json.
+#[derive(Clone, Debug)]
+enum ConfigValue {
+    Missing,
+    Null,
+    Count(u32),
+    Bad(&'static str),
+}
+
+fn config_value() -> impl Strategy<Value = ConfigValue> {
+    let bad = ["-1", "2.5", "\"64\"", "true", "[]", "{}", "4294967296", "1e20", "-0.5", "[64]"];
+    prop_oneof![
+        Just(ConfigValue::Missing),
+        Just(ConfigValue::Null),
+        prop_oneof![0u32..600, Just(u32::MAX)].prop_map(ConfigValue::Count),
+        prop::sample::select(bad.to_vec()).prop_map(ConfigValue::Bad),
+    ]
+}
+
+fn duo_config(b: &mut Battery) {
+    let keys = ["sink_size", "recent_size", "deploy_sink_size", "deploy_recent_size"];
+    let text_fault = prop_oneof![
+        Just(None),
+        any::<usize>().prop_map(Some), // truncate the text there
+    ];
+    let values = prop::collection::vec(config_value(), 4);
+    let shape = prop_oneof![
+        4 => Just("object"),
+        1 => prop::sample::select(vec!["[]", "5", "null", "\"config\"", "[{\"sink_size\": 4}]", ""]),
+    ];
+    b.run("duo_attention_config", 8_000, (values, text_fault, shape), |p, (values, cut, shape)| {
+        let (text, expect) = if shape != "object" {
+            let expect =
+                if shape.is_empty() { invalid("config.json") } else { invalid("config.json sink_size") };
+            (shape.to_string(), expect)
+        } else {
+            let fields: Vec<String> = std::iter::once("\"model_name\": \"m\"".to_string())
+                .chain(keys.iter().zip(&values).filter_map(|(k, v)| match v {
+                    ConfigValue::Missing => None,
+                    ConfigValue::Null => Some(format!("\"{k}\": null")),
+                    ConfigValue::Count(n) => Some(format!("\"{k}\": {n}")),
+                    ConfigValue::Bad(t) => Some(format!("\"{k}\": {t}")),
+                }))
+                .collect();
+            let text = format!("{{{}}}", fields.join(", "));
+            match cut {
+                // Every proper prefix of a JSON object is malformed.
+                Some(at) => (text[..at % text.len()].to_string(), invalid("config.json")),
+                None => {
+                    // The deploy key wins when present and not null; the error names the key read.
+                    let read = |deploy: usize, train: usize| match &values[deploy] {
+                        ConfigValue::Missing | ConfigValue::Null => (keys[train], &values[train]),
+                        v => (keys[deploy], v),
+                    };
+                    let mut expect = Expect::Ok;
+                    for (deploy, train) in [(2, 0), (3, 1)] {
+                        let (key, v) = read(deploy, train);
+                        let fault = match v {
+                            ConfigValue::Count(0) if train == 1 => true,
+                            ConfigValue::Count(_) => false,
+                            _ => true,
+                        };
+                        if fault {
+                            expect = invalid(format!("config.json {key}"));
+                            break;
+                        }
+                    }
+                    (text, expect)
+                }
+            }
+        };
+        let ok = matches!(expect, Expect::Ok);
+        if let Some(size) = p.call(expect, || duo_attention_config(&text))? {
+            check(ok && size.window >= 1, || format!("{size:?} from {text}"))?;
+        }
+        Ok(())
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// HeadKV score files and budgets.
+
+/// A valid HeadKV score file: a full `layers x heads` grid, lists of 1..4 non-negative numbers.
+#[derive(Clone, Debug)]
+struct Scores {
+    layers: usize,
+    heads: usize,
+    lists: Vec<Vec<f64>>,
+}
+
+impl Scores {
+    fn entries(&self) -> Vec<(String, String)> {
+        (0..self.layers * self.heads)
+            .map(|i| {
+                let list: Vec<String> = self.lists[i].iter().map(|x| format!("{x}")).collect();
+                (format!("{}-{}", i / self.heads, i % self.heads), format!("[{}]", list.join(", ")))
+            })
+            .collect()
+    }
+}
+
+fn render_json(entries: &[(String, String)]) -> String {
+    let body: Vec<String> = entries.iter().map(|(k, v)| format!("{k:?}: {v}")).collect();
+    format!("{{{}}}", body.join(", "))
+}
+
+fn scores() -> impl Strategy<Value = Scores> {
+    (1usize..4, 1usize..5).prop_flat_map(|(layers, heads)| {
+        let list = prop::collection::vec(0.0f64..1.0, 1..4);
+        prop::collection::vec(list, layers * heads).prop_map(move |lists| Scores { layers, heads, lists })
+    })
+}
+
+#[derive(Clone, Debug)]
+enum ScoresFault {
+    None,
+    Truncated(usize),
+    NotAnObject(&'static str),
+    BadKey(usize, &'static str),
+    IndexBeyondGrid(usize, usize),
+    BadValue(usize, &'static str),
+    Hole(usize),
+    SameHeadTwice(usize, usize),
+}
+
+fn scores_fault() -> impl Strategy<Value = ScoresFault> {
+    let keys = [
+        "a-b",
+        "1",
+        "1-",
+        "-0",
+        "0--1",
+        "1-2-3",
+        " 0-0",
+        "0-0 ",
+        "0-x",
+        "",
+        "\u{663}-0",
+        "0-99999999999999999999",
+    ];
+    let values = [
+        "[]",
+        "1",
+        "\"x\"",
+        "null",
+        "{}",
+        "[1, \"x\"]",
+        "[null]",
+        "[[1]]",
+        "[true]",
+        "[1e300, 1e300]",
+        "[1.7976931348623157e308, 1.7976931348623157e308]",
+        "[-1e39]",
+    ];
+    prop_oneof![
+        Just(ScoresFault::None),
+        any::<usize>().prop_map(ScoresFault::Truncated),
+        prop::sample::select(vec!["[]", "5", "\"x\"", "null", "[{\"0-0\": [1]}]", "{}", "", "NaN"])
+            .prop_map(ScoresFault::NotAnObject),
+        (0usize..16, prop::sample::select(keys.to_vec())).prop_map(|(i, k)| ScoresFault::BadKey(i, k)),
+        (0u8..3, 0usize..4).prop_map(|(kind, x)| match kind {
+            0 => ScoresFault::IndexBeyondGrid(usize::MAX - x, x),
+            1 => ScoresFault::IndexBeyondGrid(x, usize::MAX),
+            _ => ScoresFault::IndexBeyondGrid(x, x),
+        }),
+        (0usize..16, prop::sample::select(values.to_vec())).prop_map(|(i, v)| ScoresFault::BadValue(i, v)),
+        (0usize..16).prop_map(ScoresFault::Hole),
+        (0usize..16, 0usize..16).prop_map(|(i, j)| ScoresFault::SameHeadTwice(i, j)),
+    ]
+}
+
+/// Whether keys `(l, h)` form a full grid, each once.
+fn full_grid(keys: &[(usize, usize)]) -> bool {
+    let layers = keys.iter().map(|k| k.0).max().map_or(0, |m| m + 1);
+    let heads = keys.iter().map(|k| k.1).max().map_or(0, |m| m + 1);
+    let mut seen = std::collections::HashSet::new();
+    layers * heads == keys.len() && keys.iter().all(|k| seen.insert(*k))
+}
+
+fn head_scores_parse_json(b: &mut Battery) {
+    b.run("HeadScores::parse_json", 12_000, (scores(), scores_fault()), |p, (s, fault)| {
+        let mut entries = s.entries();
+        let n = entries.len();
+        let key_field = |k: &str| invalid(format!("head scores key {k:?}"));
+        let (text, expect) = match fault {
+            ScoresFault::None => (render_json(&entries), Expect::Ok),
+            ScoresFault::Truncated(at) => {
+                let text = render_json(&entries);
+                (text[..at % text.len()].to_string(), invalid("head scores"))
+            }
+            ScoresFault::NotAnObject(t) => (t.to_string(), invalid("head scores")),
+            ScoresFault::BadKey(i, k) => {
+                entries[i % n].0 = k.to_string();
+                (render_json(&entries), key_field(k))
+            }
+            ScoresFault::IndexBeyondGrid(l, h) => {
+                // A new key past the grid (small ones just below or right of it): beyond the key
+                // count it names itself (no full grid can reach it); inside, the grid must close.
+                let (l, h) = match (l, h) {
+                    (l, h) if l > 4 || h > 4 => (l, h),
+                    (x, _) if x % 2 == 0 => (s.layers + x, 0),
+                    (x, _) => (0, s.heads + x),
+                };
+                let key = format!("{l}-{h}");
+                entries.push((key.clone(), "[0.5]".into()));
+                let expect = if l > n || h > n {
+                    key_field(&key)
+                } else {
+                    let keys: Vec<(usize, usize)> =
+                        (0..n).map(|i| (i / s.heads, i % s.heads)).chain([(l, h)]).collect();
+                    if full_grid(&keys) { Expect::Ok } else { invalid("head scores") }
+                };
+                (render_json(&entries), expect)
+            }
+            ScoresFault::BadValue(i, v) => {
+                let key = entries[i % n].0.clone();
+                entries[i % n].1 = v.to_string();
+                (render_json(&entries), key_field(&key))
+            }
+            ScoresFault::Hole(i) => {
+                entries.remove(i % n);
+                let keys: Vec<(usize, usize)> =
+                    (0..n).filter(|&k| k != i % n).map(|k| (k / s.heads, k % s.heads)).collect();
+                // With one key fewer, a key at index >= the key count names itself (the first in
+                // the object's sorted key order); otherwise the grid must close.
+                let m = keys.len();
+                let beyond =
+                    keys.iter().filter(|k| k.0 >= m || k.1 >= m).map(|k| format!("{}-{}", k.0, k.1)).min();
+                let expect = match beyond {
+                    Some(k) => key_field(&k),
+                    None if m > 0 && full_grid(&keys) => Expect::Ok,
+                    None => invalid("head scores"),
+                };
+                (render_json(&entries), expect)
+            }
+            ScoresFault::SameHeadTwice(i, j) => {
+                // "0l-h" names the same head as "l-h" under another key.
+                let (i, j) = (i % n, j % n);
+                if i == j {
+                    return Ok(());
+                }
+                entries[j].0 = format!("0{}", entries[i].0);
+                (render_json(&entries), invalid("head scores"))
+            }
+        };
+        let ok = matches!(expect, Expect::Ok);
+        if let Some(parsed) = p.call(expect, || HeadScores::parse_json(&text))? {
+            let finite = parsed.as_slice().iter().all(|x| x.is_finite());
+            check(ok && finite && parsed.as_slice().len() == parsed.layers() * parsed.heads(), || {
+                format!("{parsed:?} from {text}")
+            })?;
+        }
+        Ok(())
+    });
+}
+
+fn head_scores_to_kv_heads(b: &mut Battery) {
+    let s = HeadScores::parse_json(&render_json(
+        &Scores { layers: 2, heads: 12, lists: vec![vec![0.5]; 24] }.entries(),
+    ))
+    .unwrap();
+    let kv = prop_oneof![0usize..40, Just(usize::MAX), Just(0)];
+    b.run("HeadScores::to_kv_heads", 3_000, kv, |p, kv| {
+        let expect = if kv > 0 && 12 % kv == 0 { Expect::Ok } else { invalid("kv_heads") };
+        if let Some(m) = p.call(expect, || s.to_kv_heads(kv))? {
+            check(m.heads() == kv && m.layers() == 2, || format!("{m:?}"))?;
+        }
+        Ok(())
+    });
+}
+
+fn budget_uniform(b: &mut Battery) {
+    let pair = prop_oneof![(any::<u32>(), any::<u32>()), (0u32..300, 0u32..300)];
+    b.run("budget::uniform", 5_000, pair, |p, (capacity, window)| {
+        let expect = if capacity > window { Expect::Ok } else { invalid("capacity") };
+        if let Some(c) = p.call(expect, || budget::uniform(capacity, window))? {
+            check(c == capacity, || format!("{c} != {capacity}"))?;
+        }
+        Ok(())
+    });
+}
+
+#[derive(Clone, Debug)]
+enum PyramidFault {
+    None,
+    CapacityNotAboveWindow(u32),
+    Layers(usize),
+    BetaZero,
+    PromptShorterThanWindow(u32),
+}
+
+fn budget_pyramid(b: &mut Battery) {
+    let valid = (0u32..200, 1u32..300, 2usize..64, 0u32..5000, 1u32..40)
+        .prop_map(|(w, extra, layers, q, beta)| (w + extra, w, layers, w + q, beta));
+    let huge = (0u32..16).prop_map(|x| (u32::MAX - x, x, 2, u32::MAX - x / 2, 1));
+    let fault = prop_oneof![
+        Just(PyramidFault::None),
+        any::<u32>().prop_map(PyramidFault::CapacityNotAboveWindow),
+        prop_oneof![0usize..2, Just(usize::MAX), budget::MAX_LAYERS + 1..usize::MAX, Just(1usize << 40)]
+            .prop_map(PyramidFault::Layers),
+        Just(PyramidFault::BetaZero),
+        any::<u32>().prop_map(PyramidFault::PromptShorterThanWindow),
+    ];
+    b.run(
+        "budget::pyramid",
+        8_000,
+        (prop_oneof![9 => valid, 1 => huge], fault),
+        |p, ((mut c, mut w, mut layers, mut q, mut beta), fault)| {
+            let expect = match fault {
+                PyramidFault::None => Expect::Ok,
+                PyramidFault::CapacityNotAboveWindow(x) => {
+                    (c, w) = (w.saturating_sub(x % 3), w.max(1));
+                    invalid("capacity")
+                }
+                PyramidFault::Layers(l) => {
+                    layers = l;
+                    invalid("layers")
+                }
+                PyramidFault::BetaZero => {
+                    beta = 0;
+                    invalid("beta")
+                }
+                PyramidFault::PromptShorterThanWindow(x) => {
+                    (w, c) = (w.max(1), c.max(w.max(1) + 1));
+                    q = x % w;
+                    invalid("prompt_len")
+                }
+            };
+            if let Some(v) = p.call(expect, || budget::pyramid(c, w, layers, q, beta))? {
+                let bounded = v.iter().all(|&x| x >= w && x <= q.max(c));
+                check(v.len() == layers && bounded, || format!("{v:?} for C={c} W={w} q={q}"))?;
+            }
+            Ok(())
+        },
+    );
+}
+
+#[derive(Clone, Debug)]
+enum HeadKvFault {
+    None,
+    Empty,
+    BadScore(usize, f32),
+    Beta(f32),
+    Temp(f32),
+    BaseNotAboveWindow(u32),
+    AllZero,
+    SumOverflows,
+    TempUnderflows,
+    WindowOverflows(u32),
+    BaseTooLarge,
+}
+
+fn budget_headkv(b: &mut Battery) {
+    let fault = prop_oneof![
+        Just(HeadKvFault::None),
+        Just(HeadKvFault::Empty),
+        (0usize..64, prop::sample::select(vec![f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -1.0, -1e-30]))
+            .prop_map(|(i, x)| HeadKvFault::BadScore(i, x)),
+        prop::sample::select(vec![f32::NAN, f32::INFINITY, 0.999, 0.0, -1.5]).prop_map(HeadKvFault::Beta),
+        prop::sample::select(vec![f32::NAN, f32::INFINITY, 0.0, -0.0, -2.0]).prop_map(HeadKvFault::Temp),
+        (0u32..5).prop_map(HeadKvFault::BaseNotAboveWindow),
+        Just(HeadKvFault::AllZero),
+        Just(HeadKvFault::SumOverflows),
+        Just(HeadKvFault::TempUnderflows),
+        (0u32..4).prop_map(HeadKvFault::WindowOverflows),
+        Just(HeadKvFault::BaseTooLarge),
+    ];
+    let importance = prop::collection::vec(0.0f32..10.0, 2..64);
+    let opts = (1.0f32..4.0, 0.25f32..4.0, any::<bool>());
+    b.run(
+        "budget::headkv",
+        8_000,
+        (importance, 0u32..64, 1u32..2000, opts, fault),
+        |p, (mut imp, mut w, base, (beta, temp, factory), fault)| {
+            let mut base = base + w;
+            let variant = if factory { HeadKvVariant::KvCacheFactory } else { HeadKvVariant::HeadKvRepo };
+            let mut o = HeadKvOptions { beta, temp, variant };
+            imp[0] += 0.5; // never all zero unless asked
+            let expect = match fault {
+                HeadKvFault::None => Expect::Ok,
+                HeadKvFault::Empty => {
+                    imp.clear();
+                    invalid("importance")
+                }
+                HeadKvFault::BadScore(i, x) => {
+                    let i = i % imp.len();
+                    imp[i] = x;
+                    invalid(format!("importance[{i}]"))
+                }
+                HeadKvFault::Beta(x) => {
+                    o.beta = x;
+                    invalid("beta")
+                }
+                HeadKvFault::Temp(x) => {
+                    o.temp = x;
+                    invalid("temp")
+                }
+                HeadKvFault::BaseNotAboveWindow(x) => {
+                    o.variant = HeadKvVariant::HeadKvRepo;
+                    base = w.saturating_sub(x);
+                    invalid("base_capacity")
+                }
+                HeadKvFault::AllZero => {
+                    imp.iter_mut().for_each(|x| *x = 0.0);
+                    invalid("importance")
+                }
+                HeadKvFault::SumOverflows => {
+                    imp.iter_mut().for_each(|x| *x = f32::MAX);
+                    invalid("importance")
+                }
+                HeadKvFault::TempUnderflows => {
+                    // Equal scores of 1/n each, raised to a huge power, all become 0.
+                    imp.iter_mut().for_each(|x| *x = 1.0);
+                    o.variant = HeadKvVariant::HeadKvRepo;
+                    o.temp = 1e30;
+                    invalid("temp")
+                }
+                HeadKvFault::WindowOverflows(x) => {
+                    // The factory variant does not subtract the window: caps of at least
+                    // base - base / beta >= 4 rows plus a window near u32::MAX overflow.
+                    (o.variant, o.beta, base, w) = (HeadKvVariant::KvCacheFactory, 1.5, 12, u32::MAX - x);
+                    invalid("window")
+                }
+                HeadKvFault::BaseTooLarge => {
+                    (o.variant, base, w) = (HeadKvVariant::HeadKvRepo, u32::MAX, 1);
+                    invalid("base_capacity")
+                }
+            };
+            if let Some(v) = p.call(expect, || budget::headkv(&imp, base, w, &o))? {
+                check(v.len() == imp.len() && v.iter().all(|&x| x >= w), || format!("{v:?}"))?;
+            }
+            Ok(())
+        },
+    );
+}
+
+fn head_dim_check(b: &mut Battery) {
+    let d = prop_oneof![
+        any::<usize>(),
+        0usize..1024,
+        prop::sample::select(vec![0, 1, 8, 32, 63, 65, 96, 127, 129, 192, 255, 257, 512, usize::MAX]),
+    ];
+    b.run("dtype::check_head_dim", 2_000, d, |p, d| {
+        let expect = if SUPPORTED_HEAD_DIMS.contains(&d) { Expect::Ok } else { invalid("head_dim") };
+        p.call(expect, || check_head_dim(d))?;
+        Ok(())
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// LayerCache and stores (emulator store, counting launches).
+
+/// Unsupported head_dims, including ones a kernel could almost serve.
+fn bad_head_dim() -> impl Strategy<Value = usize> {
+    prop_oneof![
+        prop::sample::select(vec![0, 1, 8, 16, 32, 63, 65, 96, 100, 127, 129, 192, 255, 257, 512, 1024]),
+        (0usize..4096).prop_filter("unsupported", |d| !SUPPORTED_HEAD_DIMS.contains(d)),
+        Just(usize::MAX),
+    ]
+}
+
+/// A small valid layout for caches (the first segment Full and full, so appends can fail).
+fn cache_layout() -> impl Strategy<Value = LayerLayout> {
+    (table(), 0u32..4).prop_map(|(t, x)| {
+        let mut segs = t.segs;
+        segs[0].len = segs[0].capacity;
+        segs[0].ring_head = match segs[0].mode {
+            SegmentMode::Streaming { window, .. } => x % window,
+            SegmentMode::Full => 0,
+        };
+        LayerLayout::new(t.batch, t.kv_heads, t.total_rows, segs).unwrap()
+    })
+}
+
+fn elems(layout: &LayerLayout, d: usize) -> usize {
+    layout.total_rows() * d
+}
+
+fn cache_new(b: &mut Battery) {
+    b.run("LayerCache::new", 1_000, (cache_layout(), bad_head_dim()), |p, (layout, d)| {
+        let s = store(p);
+        p.call(invalid("head_dim"), || LayerCache::<_, bf16>::new(&s, layout.clone(), d))?;
+        let d = SUPPORTED_HEAD_DIMS[layout.total_rows() % 3];
+        if let Some(c) = p.call(Expect::Ok, || LayerCache::<_, bf16>::new(&s, layout.clone(), d))? {
+            check(c.layout() == &layout && Counting::len(c.k()) == elems(&layout, d), || {
+                "wrong cache".into()
+            })?;
+        }
+        Ok(())
+    });
+}
+
+/// Wrong lengths for a buffer of `want` elements: off by a little, empty, sized for another
+/// head_dim.
+fn wrong_len(want: usize, rows: usize, x: u32) -> usize {
+    let d = SUPPORTED_HEAD_DIMS[x as usize % 3];
+    let candidates = [want + 1, want.saturating_sub(1), 0, want * 2 + 8, rows * d + 8, want + 64];
+    let n = candidates[(x / 3) as usize % candidates.len()];
+    if n == want { want + 1 } else { n }
+}
+
+fn cache_from_parts(b: &mut Battery) {
+    let which = prop_oneof![Just("head_dim"), Just("k"), Just("v")];
+    b.run(
+        "LayerCache::from_parts",
+        1_500,
+        (cache_layout(), which, any::<u32>(), bad_head_dim()),
+        |p, (layout, which, x, bad_d)| {
+            let s = store(p);
+            let d = 64;
+            let want = elems(&layout, d);
+            let (d, k_len, v_len) = match which {
+                "head_dim" => (bad_d, want, want),
+                "k" => (d, wrong_len(want, layout.total_rows(), x), want),
+                _ => (d, want, wrong_len(want, layout.total_rows(), x)),
+            };
+            let (k, v) = (s.zeros::<bf16>(k_len).unwrap(), s.zeros::<bf16>(v_len).unwrap());
+            p.call(invalid(which), || LayerCache::from_parts(&s, layout.clone(), d, k, v))?;
+            Ok(())
+        },
+    );
+}
+
+fn cache_append(b: &mut Battery) {
+    let which = prop_oneof![Just("k_new"), Just("v_new"), Just("full"), Just("head_dim")];
+    b.run("LayerCache::append", 1_500, (cache_layout(), which, any::<u32>()), |p, (layout, which, x)| {
+        let s = store(p);
+        let d = 64;
+        let n = layout.segments().len();
+        let mut cache = LayerCache::<_, bf16>::new(&s, layout.clone(), d).unwrap();
+        let want = n * d;
+        let (k_len, v_len, expect) = match which {
+            "k_new" => (wrong_len(want, n, x), want, invalid("k_new")),
+            "v_new" => (want, wrong_len(want, n, x), invalid("v_new")),
+            // New tokens sized for head_dim 128 on a head_dim 64 cache.
+            "head_dim" => (n * 128, n * 128, invalid("k_new")),
+            _ => {
+                let first_full = layout.segments().iter().position(|s| s.is_full());
+                match first_full {
+                    Some(i) => (want, want, Expect::SegmentFull(i)),
+                    None => return Ok(()),
+                }
+            }
+        };
+        let (kn, vn) = (s.zeros::<bf16>(k_len).unwrap(), s.zeros::<bf16>(v_len).unwrap());
+        p.call(expect, || cache.append(&kn, &vn))?;
+        check(cache.layout() == &layout, || "a failed append changed the layout".into())?;
+        Ok(())
+    });
+    b.controls("LayerCache::append", |p| {
+        // Controls: a valid append launches once and advances every segment.
+        let s = store(p);
+        let layout =
+            LayoutBuilder::new(2, 2).full(0, 0, 1).streaming(1, 1, 1, 2).headroom(2).build().unwrap();
+        let mut cache = LayerCache::<_, bf16>::new(&s, layout, 64).unwrap();
+        let t = s.upload(&vec![bf16::ONE; 4 * 64]).unwrap();
+        let before = p.launches.get();
+        p.call(Expect::Ok, || cache.append(&t, &t))?;
+        check(p.launches.get() == before + 1, || "a valid append did not launch exactly once".into())?;
+        let lens: Vec<u32> = cache.layout().segments().iter().map(|s| s.len).collect();
+        check(lens == [2, 1, 1, 1], || format!("lens {lens:?}"))
+    });
+}
+
+fn cache_regrow(b: &mut Battery) {
+    let headroom = prop_oneof![(0u32..1 << 20).prop_map(|x| u32::MAX - x), (MAX_ROWS as u32)..=u32::MAX];
+    b.run("LayerCache::regrow", 1_000, (cache_layout(), headroom), |p, (layout, headroom)| {
+        let s = store(p);
+        let mut cache = LayerCache::<_, bf16>::new(&s, layout.clone(), 64).unwrap();
+        // Every table here has a Full segment or rows enough that MAX_ROWS more overflow.
+        let has_full = layout.segments().iter().any(|s| s.mode == SegmentMode::Full);
+        if !has_full {
+            return Ok(());
+        }
+        p.call(invalid("headroom"), || cache.regrow(headroom))?;
+        check(cache.layout() == &layout, || "a failed regrow changed the layout".into())
+    });
+    b.controls("LayerCache::regrow", |p| {
+        let s = store(p);
+        let layout = LayoutBuilder::new(1, 2).full(0, 0, 3).streaming(0, 1, 1, 2).build().unwrap();
+        let mut cache = LayerCache::<_, bf16>::new(&s, layout, 64).unwrap();
+        p.call(Expect::Ok, || cache.regrow(5))?;
+        check(cache.layout().segments()[0].capacity == 8, || format!("{:?}", cache.layout()))
+    });
+}
+
+fn cache_relayout_into(b: &mut Battery) {
+    let which = prop_oneof![Just("target"), Just("segment"), Just("k_dst"), Just("v_dst")];
+    b.run(
+        "LayerCache::relayout_into",
+        1_500,
+        (cache_layout(), which, any::<u32>()),
+        |p, (layout, which, x)| {
+            let s = store(p);
+            let d = 64;
+            let cache = LayerCache::<_, bf16>::new(&s, layout.clone(), d).unwrap();
+            let mut target = layout.regrown(1 + x % 3).unwrap();
+            let want = elems(&target, d);
+            let (mut k_len, mut v_len) = (want, want);
+            let expect = match which {
+                "target" => {
+                    // Same segments, other grid: (batch, kv_heads) swapped or flattened.
+                    let (bt, kv) = (layout.batch(), layout.kv_heads());
+                    let (nb, nk) = if bt != kv { (kv, bt) } else { (1, bt * kv) };
+                    if (nb, nk) == (bt, kv) {
+                        return Ok(());
+                    }
+                    let segs = target.segments().to_vec();
+                    target = LayerLayout::new(nb, nk, target.total_rows() as u64, segs).unwrap();
+                    invalid("target")
+                }
+                "segment" => {
+                    // One Full segment holding one more token than the cache's.
+                    let Some(i) = target
+                        .segments()
+                        .iter()
+                        .position(|s| s.mode == SegmentMode::Full && s.len < s.capacity)
+                    else {
+                        return Ok(());
+                    };
+                    let mut segs = target.segments().to_vec();
+                    segs[i].len += 1;
+                    target =
+                        LayerLayout::new(target.batch(), target.kv_heads(), target.total_rows() as u64, segs)
+                            .unwrap();
+                    invalid(format!("target.segments[{i}]"))
+                }
+                "k_dst" => {
+                    k_len = wrong_len(want, target.total_rows(), x);
+                    invalid("k_dst")
+                }
+                _ => {
+                    v_len = wrong_len(want, target.total_rows(), x);
+                    invalid("v_dst")
+                }
+            };
+            let (mut k, mut v) = (s.zeros::<bf16>(k_len).unwrap(), s.zeros::<bf16>(v_len).unwrap());
+            p.call(expect, || cache.relayout_into(&target, &mut k, &mut v))?;
+            Ok(())
+        },
+    );
+}
+
+#[derive(Clone, Debug)]
+enum AttentionFault {
+    GroupSize(usize),
+    Q(u32),
+    Out(u32),
+    Lse(u32),
+    Scale(f32),
+    ChunkTokens(u32),
+    QForOtherHeadDim,
+}
+
+fn cache_attention(b: &mut Battery) {
+    let fault = prop_oneof![
+        prop_oneof![Just(0usize), MAX_GROUP + 1..200, Just(usize::MAX)].prop_map(AttentionFault::GroupSize),
+        any::<u32>().prop_map(AttentionFault::Q),
+        any::<u32>().prop_map(AttentionFault::Out),
+        any::<u32>().prop_map(AttentionFault::Lse),
+        prop::sample::select(vec![
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            0.0,
+            -0.0,
+            f32::MAX,
+            -f32::MAX,
+            f32::MAX / 1.2
+        ])
+        .prop_map(AttentionFault::Scale),
+        prop_oneof![Just(0u32), (i32::MAX as u32 + 1)..=u32::MAX].prop_map(AttentionFault::ChunkTokens),
+        Just(AttentionFault::QForOtherHeadDim),
+    ];
+    b.run(
+        "LayerCache::attention",
+        2_500,
+        (cache_layout(), 1usize..=MAX_GROUP, fault),
+        |p, (layout, g, fault)| {
+            let s = store(p);
+            let d = 64;
+            let cache = LayerCache::<_, bf16>::new(&s, layout.clone(), d).unwrap();
+            let heads = layout.segments().len() * g;
+            let (mut q_len, mut out_len, mut lse_len) = (heads * d, heads * d, Some(heads));
+            let mut group = g;
+            let mut opts = AttentionOptions::default();
+            let expect = match fault {
+                AttentionFault::GroupSize(bad) => {
+                    group = bad;
+                    invalid("group_size")
+                }
+                AttentionFault::Q(x) => {
+                    q_len = wrong_len(q_len, heads, x);
+                    invalid("q")
+                }
+                AttentionFault::Out(x) => {
+                    out_len = wrong_len(out_len, heads, x);
+                    invalid("out")
+                }
+                AttentionFault::Lse(x) => {
+                    lse_len = Some(wrong_len(heads, 1, x));
+                    invalid("lse")
+                }
+                AttentionFault::Scale(x) => {
+                    opts.scale = Some(x);
+                    invalid("scale")
+                }
+                AttentionFault::ChunkTokens(c) => {
+                    opts.chunk_tokens = Some(c);
+                    invalid("chunk_tokens")
+                }
+                AttentionFault::QForOtherHeadDim => {
+                    q_len = heads * 128;
+                    invalid("q")
+                }
+            };
+            let q = s.zeros::<bf16>(q_len).unwrap();
+            let mut out = s.zeros::<bf16>(out_len).unwrap();
+            let mut lse = lse_len.map(|n| s.zeros::<f32>(n).unwrap());
+            let mut ws = AttentionWorkspace::new();
+            p.call(expect, || cache.attention(&q, group, &mut out, lse.as_mut(), &mut ws, &opts))?;
+            Ok(())
+        },
+    );
+    // More chunks than the grid's y dimension holds: a long segment split into 1-token chunks.
+    let s = Counting(b.launches.clone());
+    let long = 3 * MAX_SPLITS + 1;
+    let layout = LayoutBuilder::new(1, 1).full(0, 0, long).build().unwrap();
+    let cache = LayerCache::<_, bf16>::new(&s, layout, 64).unwrap();
+    let q = s.zeros::<bf16>(64).unwrap();
+    b.run("LayerCache::attention", 200, 1u32..=(long - 1) / MAX_SPLITS, |p, chunk| {
+        let mut out = s.zeros::<bf16>(64).unwrap();
+        let opts = AttentionOptions { chunk_tokens: Some(chunk), scale: None };
+        let mut ws = AttentionWorkspace::new();
+        p.call(invalid("chunk_tokens"), || cache.attention(&q, 1, &mut out, None, &mut ws, &opts))?;
+        Ok(())
+    });
+    b.controls("LayerCache::attention", |p| {
+        // Controls: valid calls launch (split: attention + merge) and write every output.
+        let s = store(p);
+        let layout = LayoutBuilder::new(1, 2).full(0, 0, 5).streaming(0, 1, 1, 2).build().unwrap();
+        let cache = LayerCache::<_, bf16>::new(&s, layout, 64).unwrap();
+        let q = s.upload(&vec![bf16::ONE; 2 * 2 * 64]).unwrap();
+        let mut ws = AttentionWorkspace::new();
+        for (chunk, launches) in [(None, 1), (Some(2), 2)] {
+            let mut out = s.upload(&vec![bf16::NAN; 2 * 2 * 64]).unwrap();
+            let mut lse = s.zeros::<f32>(4).unwrap();
+            let opts = AttentionOptions { chunk_tokens: chunk, scale: None };
+            let before = p.launches.get();
+            p.call(Expect::Ok, || cache.attention(&q, 2, &mut out, Some(&mut lse), &mut ws, &opts))?;
+            check(p.launches.get() == before + launches, || format!("{chunk:?}: not {launches} launch(es)"))?;
+            let out = s.download(&out).unwrap();
+            check(out.iter().all(|x| !x.is_nan()), || "an output was left unwritten".into())?;
+        }
+        Ok(())
+    });
+}
+
+fn emu_store(b: &mut Battery) {
+    b.run("EmuStore", 1_000, (0usize..64, any::<u32>()), |p, (n, x)| {
+        let mut buf = EmuStore.zeros::<bf16>(n).unwrap();
+        let data = vec![bf16::ONE; wrong_len(n, 1, x)];
+        p.call(invalid("data"), || EmuStore.overwrite(&mut buf, &data))?;
+        // Sizes whose bytes overflow the address space.
+        let huge = usize::MAX / 2 - (x as usize % 16);
+        p.call(invalid("len"), || EmuStore.zeros::<bf16>(huge))?;
+        Ok(())
+    });
+}
+
+fn gpu_store_new(b: &mut Battery) {
+    // No machine has this many devices: NoGpu on a GPU machine, NoGpu or NoKernels elsewhere.
+    b.run("GpuStore::new", 20, prop_oneof![1usize << 20..usize::MAX, Just(usize::MAX)], |p, ordinal| {
+        p.call(Expect::NoDevice, || GpuStore::new(ordinal))?;
+        Ok(())
+    });
+}
