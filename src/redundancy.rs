@@ -13,6 +13,12 @@
 //!
 //! Scores are f32 (the reference is f64); selections are deterministic and ties go to the lower
 //! position; NaN scores rank lowest.
+//!
+//! Non-finite inputs are not filtered. A NaN in one key makes its similarity row and column NaN,
+//! so every column mean, the redundancy softmax and every score of that segment are NaN: the
+//! segment keeps its oldest `budget - alpha` candidates plus the window, and no other segment is
+//! affected. A NaN query makes the importance of the segments it belongs to NaN in the same way.
+//! The similarity threshold test (`S > 0.5`) is false for NaN, as in the reference.
 
 use crate::cache::LayerCache;
 use crate::dtype::{KvElem, check_head_dim};

@@ -147,3 +147,58 @@ fn forced_segments_and_short_ones() {
     let out = rkv_scenario::<_, bf16>(&EmuStore, &case);
     assert!(out.kept[0].is_some() && out.kept[1].is_none() && out.kept[2].is_none());
 }
+
+/// A NaN in one key (SPEC section 7 / issue 8): its similarity row and column are NaN, so every
+/// column mean of that segment, hence its redundancy softmax and every score, is NaN; NaN
+/// ranks lowest, so the segment keeps its oldest candidates plus the window. The other segment
+/// of the layer is compacted exactly as in a run without the NaN.
+#[test]
+fn a_nan_key_poisons_only_its_segment() {
+    use headwise::redundancy::{QueryRing, RkvTrigger, RkvWorkspace, evict};
+    use headwise::{LayerCache, LayerLayout, Segment, Store};
+    let (d, g, len, budget, alpha) = (64usize, 2usize, 90u32, 40usize, 8usize);
+    let layout = LayerLayout::new(
+        1,
+        2,
+        2 * u64::from(len),
+        vec![Segment::full(0, len, len), Segment::full(len, len, len)],
+    )
+    .unwrap();
+    let clean: Vec<f16> = common::values(21, 2 * len as usize * d, 1.0);
+    let v: Vec<f16> = common::values(22, 2 * len as usize * d, 1.0);
+    let mut poisoned = clean.clone();
+    poisoned[30 * d + 5] = f16::NAN; // segment 0, token 30
+    let opts = RkvOptions { alpha, ..RkvOptions::new(budget) };
+    let run = |k: &[f16]| {
+        let mut cache = LayerCache::from_parts(
+            &EmuStore,
+            layout.clone(),
+            d,
+            EmuStore.upload(k).unwrap(),
+            EmuStore.upload(&v).unwrap(),
+        )
+        .unwrap();
+        let mut ring = QueryRing::new(&EmuStore, 2 * g, alpha, d).unwrap();
+        for step in 0..3 {
+            ring.push(&EmuStore.upload(&common::values::<f16>(100 + step, 2 * g * d, 1.0)).unwrap()).unwrap();
+        }
+        let mut ws = RkvWorkspace::new();
+        let done = evict(&mut cache, &ring, g, &opts, RkvTrigger::Forced(&[true, true]), &mut ws).unwrap();
+        assert_eq!(done, vec![true, true]);
+        let scores = ws.scores(&EmuStore).unwrap();
+        (ws.kept(&EmuStore).unwrap(), scores, EmuStore.download(cache.k()).unwrap())
+    };
+    let (kept_clean, _, k_clean) = run(&clean);
+    let (kept_nan, scores_nan, k_nan) = run(&poisoned);
+    assert!(scores_nan[0].1.iter().all(|x| x.is_nan()), "segment 0 scores should all be NaN");
+    assert!(scores_nan[1].1.iter().all(|x| x.is_finite()), "segment 1 scores should stay finite");
+    let n = len as usize - alpha;
+    let want: Vec<u32> = (0..(budget - alpha) as u32).chain(n as u32..len).collect();
+    assert_eq!(kept_nan[0].1, want);
+    assert_eq!(kept_nan[1], kept_clean[1]);
+    let seg1 = len as usize * d..(len as usize + budget) * d;
+    assert_eq!(
+        k_nan[seg1.clone()].iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+        k_clean[seg1].iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+    );
+}
