@@ -309,8 +309,11 @@ pub fn evict<S: Store, T: KvElem>(
     if opts.alpha > MAX_ALPHA {
         return Err(Error::invalid("alpha", format!("{} exceeds {MAX_ALPHA}", opts.alpha)));
     }
-    if opts.budget > i32::MAX as usize || opts.kernel > i32::MAX as usize {
-        return Err(Error::invalid("budget", format!("budget and kernel must fit int32 ({})", i32::MAX)));
+    if opts.budget > i32::MAX as usize {
+        return Err(Error::invalid("budget", format!("{} exceeds int32 ({})", opts.budget, i32::MAX)));
+    }
+    if opts.kernel > i32::MAX as usize {
+        return Err(Error::invalid("kernel", format!("{} exceeds int32 ({})", opts.kernel, i32::MAX)));
     }
     if group_size == 0 || group_size > MAX_GROUP {
         return Err(Error::invalid("group_size", format!("{group_size} is outside 1..={MAX_GROUP}")));

@@ -393,7 +393,9 @@ fn plan_chunk(shape: &Shape, sm_count: usize, forced: Option<u32>) -> Result<usi
 /// Compresses one layer's prompt into a new cache of `Full` segments (see the [module
 /// docs](self)). Errors before any launch: shapes and buffer lengths, `window` outside
 /// `1..=q`, an even `pool_kernel`, budgets below the window or of the wrong count, AdaKV
-/// `floor_alpha` outside [0, 1], a zero or non-finite scale, misaligned buffers.
+/// `floor_alpha` outside [0, 1], a zero or non-finite scale, misaligned buffers, a `headroom`
+/// that makes the compressed layer exceed [`MAX_ROWS`] (with AdaKV, whose counts are known
+/// only after scoring, a headroom that fits the least it keeps fails after the launches).
 pub fn compress<S: Store, T: KvElem>(
     store: &S,
     prompt: &Prompt<'_, S, T>,
@@ -403,6 +405,13 @@ pub fn compress<S: Store, T: KvElem>(
 ) -> Result<LayerCache<S, T>> {
     let shape = check_prompt(prompt, opts)?;
     let known = check_budgets(&shape, &budgets)?;
+    // The compressed layer must fit int32 rows. Checked before any launch with the counts
+    // per-row budgets give, and with AdaKV against the least it keeps (the window per row);
+    // AdaKV counts above that are checked again below, after scoring.
+    match &known {
+        Some(b) => check_packed(b.iter().map(|&x| (x as usize).min(shape.q) as u64), opts.headroom)?,
+        None => check_packed(std::iter::repeat_n(shape.window as u64, shape.rows), opts.headroom)?,
+    }
     let kept = score_and_select(store, prompt, &shape, &budgets, known.as_deref(), opts, ws)?;
     let mut segments = Vec::with_capacity(shape.rows);
     let mut offset: u64 = 0;
@@ -419,6 +428,18 @@ pub fn compress<S: Store, T: KvElem>(
     gather(prompt, &shape, opts, ws, &mut cache)?;
     verify("select::compress", prompt, &shape, ws, &cache)?;
     Ok(cache)
+}
+
+/// Errors if `counts` rows, each with `headroom` more, exceed [`MAX_ROWS`] in all.
+fn check_packed(counts: impl Iterator<Item = u64>, headroom: u32) -> Result<()> {
+    let mut total = 0u64;
+    for c in counts {
+        total += c + u64::from(headroom);
+        if total > MAX_ROWS {
+            return Err(Error::invalid("headroom", format!("the compressed layer exceeds {MAX_ROWS} rows")));
+        }
+    }
+    Ok(())
 }
 
 /// [`compress`] into an existing cache (e.g. engine memory wrapped with

@@ -6,7 +6,7 @@
 //! (`cargo test --test invalid_inputs -- --nocapture`); it asserts no failure, no panic and at
 //! least 100k cases. `HEADWISE_BIG_SWEEPS=1` runs ten times as many.
 //!
-//! Adding an entry point (prefill select, R-KV eviction, the C ABI, ...):
+//! Adding an entry point (a new operation, the C ABI, ...):
 //! 1. write `fn my_entry(b: &mut Battery)` that calls `b.run("name", cases, strategy, |p, input|
 //!    ...)`: generate an input with exactly one known fault (or a valid control), then
 //!    `p.call(Expect::Invalid(field), || the_call(...))?` for each call it makes. `Expect` says
@@ -20,7 +20,10 @@
 //! engine memory enters only through the `unsafe` `GpuBuf::borrowed`), and buffers of another
 //! device (the GPU store's check, `Store::check_buf`, needs two GPUs). Not driven: the CPU
 //! oracle in `reference` (test support with documented shape preconditions) and accessors that
-//! index like a slice (`LayerLayout::segment`, `HeadGates::gate`, `Segment::row`, ...).
+//! index like a slice (`LayerLayout::segment`, `HeadGates::gate`, `Segment::row`, ...). Not
+//! refusable before a launch, by design: AdaKV counts, known only after scoring, that overflow a
+//! `compress_into` destination or (above the window per row) the headroom. Not driven: an R-KV
+//! segment past the 65535 * 32 tokens a step supports (it needs a cache of hundreds of MB).
 
 use half::bf16;
 use headwise::attention::{AttentionOptions, AttentionWorkspace, MAX_GROUP, MAX_SPLITS};
@@ -30,6 +33,13 @@ use headwise::params::HwLaunch;
 use headwise::policy::budget::{self, HeadKvOptions, HeadKvVariant};
 use headwise::policy::head_scores::HeadScores;
 use headwise::policy::heads::{FullHeads, HeadGates, MAX_HEADS, StreamingSize, duo_attention_config};
+use headwise::redundancy::{
+    MAX_ALPHA, MAX_GROUP as MAX_RKV_GROUP, QueryRing, RkvOptions, RkvTrigger, RkvWorkspace, evict,
+};
+use headwise::select::{
+    Budgets, GqaReduce, Granularity, MAX_GROUP as MAX_SELECT_GROUP, Pool, Prompt, SelectOptions,
+    SelectWorkspace, compress, compress_into,
+};
 use headwise::store::{Elem, KernelParams};
 use headwise::{EmuBuf, EmuStore, Error, GpuStore, LayerCache, Store};
 use proptest::prelude::*;
@@ -62,6 +72,11 @@ const ENTRY_POINTS: &[fn(&mut Battery)] = &[
     cache_attention,
     emu_store,
     gpu_store_new,
+    select_compress,
+    select_compress_into,
+    rkv_evict,
+    query_ring_new,
+    query_ring_push,
 ];
 
 #[test]
@@ -111,6 +126,33 @@ fn library_bugs_found_by_the_battery() {
     let text = r#"{"sink_size": 4, "recent_size": 8, "deploy_sink_size": -1}"#;
     assert_eq!(field(duo_attention_config(text).map(drop)), "config.json deploy_sink_size");
     assert_eq!(field(duo_attention_config(r#"{"sink_size": 4}"#).map(drop)), "config.json recent_size");
+    // select::compress: a headroom that overflows the compressed layer was reported only after
+    // the scoring kernels had run (5 launches); it is now refused before any.
+    let s = Counting(Rc::new(Cell::new(0)));
+    let (k, queries) = (s.zeros::<bf16>(8 * 64).unwrap(), s.zeros::<bf16>(2 * 64).unwrap());
+    let prompt = Prompt::<Counting, bf16> {
+        k: &k,
+        v: &k,
+        queries: &queries,
+        batch: 1,
+        kv_heads: 1,
+        group_size: 1,
+        q_len: 8,
+        head_dim: 64,
+    };
+    let opts = SelectOptions { window: 2, pool_kernel: 1, headroom: u32::MAX, ..SelectOptions::default() };
+    for budgets in [Budgets::PerRow(&[4]), Budgets::AdaKv { base: 4, floor_alpha: 0.2 }] {
+        let r = compress(&s, &prompt, budgets, &opts, &mut SelectWorkspace::new());
+        assert_eq!(field(r.map(drop)), "headroom");
+    }
+    assert_eq!(s.0.get(), 0, "launched before refusing the headroom");
+    // redundancy::evict: an odd kernel above int32 was reported as "budget".
+    let layout = LayoutBuilder::new(1, 1).full(0, 0, 4).build().unwrap();
+    let mut cache = LayerCache::<_, bf16>::new(&s, layout, 64).unwrap();
+    let ring = QueryRing::<_, bf16>::new(&s, 1, 2, 64).unwrap();
+    let opts = RkvOptions { alpha: 2, kernel: usize::MAX, ..RkvOptions::new(3) };
+    let r = evict(&mut cache, &ring, 1, &opts, RkvTrigger::Threshold, &mut RkvWorkspace::new());
+    assert_eq!(field(r.map(drop)), "kernel");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1860,5 +1902,874 @@ fn gpu_store_new(b: &mut Battery) {
     b.run("GpuStore::new", 20, prop_oneof![1usize << 20..usize::MAX, Just(usize::MAX)], |p, ordinal| {
         p.call(Expect::NoDevice, || GpuStore::new(ordinal))?;
         Ok(())
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prefill compression (`select`), emulator store counting launches.
+
+/// A valid prompt shape, options and budgets for `select::compress`; buffer lengths are held
+/// separately so a fault can break one of them.
+#[derive(Clone, Debug)]
+struct SelCase {
+    batch: usize,
+    kv_heads: usize,
+    group: usize,
+    q_len: usize,
+    head_dim: usize,
+    opts: SelectOptions,
+    budgets: SelBudgets,
+    k_len: usize,
+    v_len: usize,
+    queries_len: usize,
+}
+
+#[derive(Clone, Debug)]
+enum SelBudgets {
+    PerRow(Vec<u32>),
+    AdaKv { base: u32, floor_alpha: f32 },
+}
+
+impl SelCase {
+    fn rows_per_sequence(&self) -> usize {
+        match self.opts.granularity {
+            Granularity::KvHead => self.kv_heads,
+            Granularity::QueryHead => self.kv_heads * self.group,
+        }
+    }
+    fn rows(&self) -> usize {
+        self.batch * self.rows_per_sequence()
+    }
+    /// Tokens row `r` keeps at least (AdaKV: the window; it may keep up to `q_len`).
+    fn least_kept(&self, r: usize) -> u32 {
+        match &self.budgets {
+            SelBudgets::PerRow(b) => b[r].min(self.q_len as u32),
+            SelBudgets::AdaKv { .. } => self.opts.window as u32,
+        }
+    }
+    /// Tokens row `r` may keep at most.
+    fn most_kept(&self, r: usize) -> u32 {
+        match &self.budgets {
+            SelBudgets::PerRow(b) => b[r].min(self.q_len as u32),
+            SelBudgets::AdaKv { .. } => self.q_len as u32,
+        }
+    }
+    fn budgets(&self) -> Budgets<'_> {
+        match &self.budgets {
+            SelBudgets::PerRow(b) => Budgets::PerRow(b),
+            &SelBudgets::AdaKv { base, floor_alpha } => Budgets::AdaKv { base, floor_alpha },
+        }
+    }
+    /// Per-row budgets, valid for this shape (replacing AdaKV's).
+    fn per_row(&mut self, x: u32) {
+        if let SelBudgets::AdaKv { .. } = self.budgets {
+            let w = self.opts.window as u32;
+            self.budgets = SelBudgets::PerRow((0..self.rows() as u32).map(|r| w + (x + r) % 7).collect());
+        }
+    }
+    /// Buffers of the lengths held, and the call's prompt over them.
+    fn bufs(&self, s: &Counting) -> [EmuBuf<bf16>; 3] {
+        [self.k_len, self.v_len, self.queries_len].map(|n| s.zeros::<bf16>(n).unwrap())
+    }
+    fn prompt<'a>(&self, b: &'a [EmuBuf<bf16>; 3]) -> Prompt<'a, Counting, bf16> {
+        Prompt {
+            k: &b[0],
+            v: &b[1],
+            queries: &b[2],
+            batch: self.batch,
+            kv_heads: self.kv_heads,
+            group_size: self.group,
+            q_len: self.q_len,
+            head_dim: self.head_dim,
+        }
+    }
+}
+
+fn sel_case() -> impl Strategy<Value = SelCase> {
+    let shape =
+        (1usize..=2, 1usize..=3, 1usize..=4, 1usize..=24, prop::sample::select(SUPPORTED_HEAD_DIMS.to_vec()));
+    let opts = (
+        any::<u32>(),
+        any::<u32>(),
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+        prop_oneof![Just(None), (0.01f32..10.0).prop_map(Some), (-10.0f32..-0.01).prop_map(Some)],
+        0u32..4,
+        prop_oneof![Just(None), (1u32..30).prop_map(Some)],
+    );
+    let budgets = (any::<bool>(), prop::collection::vec(0u32..30, 24), any::<u32>(), 0.0f32..=1.0);
+    (shape, opts, budgets).prop_map(|((batch, kv_heads, group, q, d), o, (ada, per_row, base, alpha))| {
+        let (ws, ps, avg, gmax, per_qh, scale, headroom, chunk_tokens) = o;
+        let window = 1 + ws as usize % q;
+        let opts = SelectOptions {
+            window,
+            pool_kernel: 2 * (ps as usize % q.div_ceil(2)) + 1,
+            pool: if avg { Pool::Avg } else { Pool::Max },
+            gqa: if gmax { GqaReduce::Max } else { GqaReduce::Mean },
+            granularity: if per_qh { Granularity::QueryHead } else { Granularity::KvHead },
+            scale,
+            headroom,
+            chunk_tokens,
+        };
+        let rows = batch * kv_heads * if per_qh { group } else { 1 };
+        let budgets = if ada {
+            SelBudgets::AdaKv { base: (window + base as usize % (q + 5)) as u32, floor_alpha: alpha }
+        } else {
+            SelBudgets::PerRow(per_row[..rows].iter().map(|&x| window as u32 + x).collect())
+        };
+        let kv = batch * kv_heads * q * d;
+        SelCase {
+            batch,
+            kv_heads,
+            group,
+            q_len: q,
+            head_dim: d,
+            opts,
+            budgets,
+            k_len: kv,
+            v_len: kv,
+            queries_len: batch * kv_heads * group * window * d,
+        }
+    })
+}
+
+#[derive(Clone, Debug)]
+enum SelFault {
+    HeadDim(usize),
+    BatchZero,
+    KvHeadsZero,
+    GroupSize(usize),
+    QLenZero,
+    WindowZero,
+    WindowAboveQ(u32),
+    PoolEven(usize),
+    PoolAboveQ(u32),
+    K(u32),
+    V(u32),
+    Queries(u32),
+    QueriesOfOtherWindow(u32),
+    BudgetCount(bool),
+    BudgetBelowWindow(usize, u32),
+    AdaBaseBelowWindow(u32),
+    AdaBaseHuge(u32),
+    AdaFloorAlpha(f32),
+    Scale(f32),
+    ChunkZero,
+    Headroom(u32),
+    SegmentsAboveMaxRows(u8, u32),
+    RowsTimesQ(bool, u32),
+    QueryRowsAboveMaxRows(u32),
+}
+
+fn sel_fault() -> impl Strategy<Value = SelFault> {
+    let x = any::<u32>();
+    prop_oneof![
+        bad_head_dim().prop_map(SelFault::HeadDim),
+        Just(SelFault::BatchZero),
+        Just(SelFault::KvHeadsZero),
+        prop_oneof![Just(0usize), MAX_SELECT_GROUP + 1..200, Just(usize::MAX)].prop_map(SelFault::GroupSize),
+        Just(SelFault::QLenZero),
+        Just(SelFault::WindowZero),
+        x.prop_map(SelFault::WindowAboveQ),
+        prop_oneof![(0usize..40).prop_map(|k| 2 * k), Just(usize::MAX - 1)].prop_map(SelFault::PoolEven),
+        x.prop_map(SelFault::PoolAboveQ),
+        x.prop_map(SelFault::K),
+        x.prop_map(SelFault::V),
+        x.prop_map(SelFault::Queries),
+        x.prop_map(SelFault::QueriesOfOtherWindow),
+        any::<bool>().prop_map(SelFault::BudgetCount),
+        (0usize..48, x).prop_map(|(i, x)| SelFault::BudgetBelowWindow(i, x)),
+        x.prop_map(SelFault::AdaBaseBelowWindow),
+        x.prop_map(SelFault::AdaBaseHuge),
+        prop::sample::select(vec![
+            f32::NAN,
+            -f32::NAN,
+            -0.1,
+            -1e-7,
+            1.0 + f32::EPSILON,
+            1.5,
+            f32::INFINITY,
+            -f32::INFINITY,
+            f32::MAX
+        ])
+        .prop_map(SelFault::AdaFloorAlpha),
+        prop::sample::select(vec![
+            0.0,
+            -0.0,
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MAX,
+            -f32::MAX,
+            3.0e38,
+            -2.4e38
+        ])
+        .prop_map(SelFault::Scale),
+        Just(SelFault::ChunkZero),
+        x.prop_map(SelFault::Headroom),
+        (0u8..3, x).prop_map(|(k, x)| SelFault::SegmentsAboveMaxRows(k, x)),
+        (any::<bool>(), x).prop_map(|(o, x)| SelFault::RowsTimesQ(o, x)),
+        x.prop_map(SelFault::QueryRowsAboveMaxRows),
+    ]
+}
+
+/// Breaks `c` in the one way `fault` says and returns what `compress` must report (`None` for
+/// a fault that does not apply to `compress_into`, which has no headroom).
+fn apply_sel(c: &mut SelCase, fault: &SelFault, into: bool) -> Option<Expect> {
+    let q = c.q_len;
+    let w = c.opts.window;
+    let rows = c.rows();
+    Some(match *fault {
+        SelFault::HeadDim(d) => {
+            c.head_dim = d;
+            invalid("head_dim")
+        }
+        SelFault::BatchZero => {
+            c.batch = 0;
+            invalid("batch")
+        }
+        SelFault::KvHeadsZero => {
+            c.kv_heads = 0;
+            invalid("kv_heads")
+        }
+        SelFault::GroupSize(g) => {
+            c.group = g;
+            invalid("group_size")
+        }
+        SelFault::QLenZero => {
+            c.q_len = 0;
+            invalid("q_len")
+        }
+        SelFault::WindowZero => {
+            c.opts.window = 0;
+            invalid("window")
+        }
+        SelFault::WindowAboveQ(x) => {
+            c.opts.window = if x % 5 == 0 { usize::MAX } else { q + 1 + x as usize % 100 };
+            invalid("window")
+        }
+        SelFault::PoolEven(k) => {
+            c.opts.pool_kernel = k;
+            invalid("pool_kernel")
+        }
+        SelFault::PoolAboveQ(x) => {
+            c.opts.pool_kernel = if x % 5 == 0 { usize::MAX } else { (q + 1 + x as usize % 50) | 1 };
+            invalid("pool_kernel")
+        }
+        SelFault::K(x) => {
+            c.k_len = wrong_len(c.k_len, c.batch * c.kv_heads * q, x);
+            invalid("k")
+        }
+        SelFault::V(x) => {
+            c.v_len = wrong_len(c.v_len, c.batch * c.kv_heads * q, x);
+            invalid("v")
+        }
+        SelFault::Queries(x) => {
+            c.queries_len = wrong_len(c.queries_len, c.batch * c.kv_heads * c.group * w, x);
+            invalid("queries")
+        }
+        SelFault::QueriesOfOtherWindow(x) => {
+            // A valid window the queries were not written for (budgets, checked later, may be
+            // below it).
+            if q >= 2 {
+                c.opts.window = 1 + (w + x as usize % (q - 1)) % q;
+                c.opts.pool_kernel = 1;
+            } else {
+                c.queries_len += 1 + x as usize % 64;
+            }
+            invalid("queries")
+        }
+        SelFault::BudgetCount(add) => {
+            let mut b: Vec<u32> = (0..rows).map(|r| c.least_kept(r).max(w as u32)).collect();
+            if add {
+                b.push(w as u32);
+            } else {
+                b.pop();
+            }
+            c.budgets = SelBudgets::PerRow(b);
+            invalid("budgets")
+        }
+        SelFault::BudgetBelowWindow(i, x) => {
+            c.per_row(x);
+            let i = i % rows;
+            if let SelBudgets::PerRow(b) = &mut c.budgets {
+                b[i] = x % w as u32;
+            }
+            invalid(format!("budgets[{i}]"))
+        }
+        SelFault::AdaBaseBelowWindow(x) => {
+            c.budgets = SelBudgets::AdaKv { base: x % w as u32, floor_alpha: 0.2 };
+            invalid("budgets.base")
+        }
+        SelFault::AdaBaseHuge(x) => {
+            // rows_per_sequence * (base - window) beyond int32 rows.
+            let rps = c.rows_per_sequence() as u64;
+            let least = (MAX_ROWS / rps + 1 + w as u64) as u32;
+            c.budgets = SelBudgets::AdaKv {
+                base: least.saturating_add(x % (u32::MAX - least + 1)),
+                floor_alpha: 0.5,
+            };
+            invalid("budgets.base")
+        }
+        SelFault::AdaFloorAlpha(a) => {
+            c.budgets = SelBudgets::AdaKv { base: w as u32 + 3, floor_alpha: a };
+            invalid("budgets.floor_alpha")
+        }
+        SelFault::Scale(s) => {
+            c.opts.scale = Some(s);
+            invalid("scale")
+        }
+        SelFault::ChunkZero => {
+            c.opts.chunk_tokens = Some(0);
+            invalid("chunk_tokens")
+        }
+        SelFault::Headroom(x) => {
+            if into {
+                return None;
+            }
+            // Every row keeps at least one token: rows * (1 + MAX_ROWS / rows) > MAX_ROWS.
+            c.opts.headroom = (MAX_ROWS / rows as u64) as u32 + x % 1000;
+            invalid("headroom")
+        }
+        SelFault::SegmentsAboveMaxRows(kind, x) => {
+            let x = x as usize % 1000;
+            match kind {
+                // batch * kv_heads past int32 rows, or past usize.
+                0 => (c.batch, c.kv_heads) = (1 << 16, (1 << 15) + x),
+                1 => (c.batch, c.kv_heads) = (usize::MAX - x, 2),
+                // Per query head: batch * kv_heads fits, times G does not.
+                _ => {
+                    (c.batch, c.kv_heads, c.group) = (1 << 8, (1 << 20) + x, 16);
+                    c.opts.granularity = Granularity::QueryHead;
+                }
+            }
+            invalid("batch")
+        }
+        SelFault::RowsTimesQ(overflow, x) => {
+            if overflow {
+                c.q_len = usize::MAX - x as usize % 1000;
+            } else {
+                (c.kv_heads, c.q_len) = ((1 << 20) + x as usize % 1000, 1 << 12);
+            }
+            invalid("q_len")
+        }
+        SelFault::QueryRowsAboveMaxRows(x) => {
+            // segments * q_len fits (per KV head), segments * G * window does not.
+            (c.batch, c.kv_heads, c.q_len, c.group) = (1, 1 << 20, 1 << 10, 2 + x as usize % 15);
+            c.opts.granularity = Granularity::KvHead;
+            (c.opts.window, c.opts.pool_kernel) = (1 << 10, 1);
+            invalid("window")
+        }
+    })
+}
+
+fn select_compress(b: &mut Battery) {
+    b.run("select::compress", 8_000, (sel_case(), sel_fault()), |p, (mut c, fault)| {
+        let Some(expect) = apply_sel(&mut c, &fault, false) else { return Ok(()) };
+        let s = store(p);
+        let bufs = c.bufs(&s);
+        let mut ws = SelectWorkspace::new();
+        p.call(expect, || compress(&s, &c.prompt(&bufs), c.budgets(), &c.opts, &mut ws))?;
+        check(ws.kept(&s).is_err(), || "a refused compress left a selection in the workspace".into())
+    });
+    // More than 65535 chunks: one long prompt (131071 tokens) split into 1- or 2-token chunks.
+    let s = Counting(b.launches.clone());
+    let (q, d, w) = (2 * 65535 + 1, 64, 4);
+    let kv = s.zeros::<bf16>(q * d).unwrap();
+    let queries = s.zeros::<bf16>(w * d).unwrap();
+    let prompt = Prompt::<Counting, bf16> {
+        k: &kv,
+        v: &kv,
+        queries: &queries,
+        batch: 1,
+        kv_heads: 1,
+        group_size: 1,
+        q_len: q,
+        head_dim: d,
+    };
+    let chunks = (1u32..=2, any::<bool>(), 0u32..100);
+    b.run("select::compress", 100, chunks, |p, (chunk, ada, x)| {
+        let opts = SelectOptions { window: w, chunk_tokens: Some(chunk), ..SelectOptions::default() };
+        let per_row = [w as u32 + x];
+        let budgets = if ada {
+            Budgets::AdaKv { base: w as u32 + x, floor_alpha: 0.2 }
+        } else {
+            Budgets::PerRow(&per_row)
+        };
+        let mut ws = SelectWorkspace::new();
+        p.call(invalid("chunk_tokens"), || compress(&s, &prompt, budgets, &opts, &mut ws))?;
+        Ok(())
+    });
+    b.controls("select::compress", |p| {
+        // Controls: valid compressions (per KV head with per-row budgets, per query head with
+        // AdaKV) launch and keep min(budget, q) rows per segment.
+        let s = store(p);
+        let (q, d, g, w) = (40, 64, 2, 8);
+        let data =
+            |n: usize| s.upload(&(0..n).map(|i| bf16::from_f32((i % 13) as f32 / 7.0)).collect::<Vec<_>>());
+        let (k, v, queries) =
+            (data(2 * q * d).unwrap(), data(2 * q * d).unwrap(), data(2 * g * w * d).unwrap());
+        let prompt = Prompt::<Counting, bf16> {
+            k: &k,
+            v: &v,
+            queries: &queries,
+            batch: 1,
+            kv_heads: 2,
+            group_size: g,
+            q_len: q,
+            head_dim: d,
+        };
+        let mut ws = SelectWorkspace::new();
+        let opts = SelectOptions { window: w, pool_kernel: 5, headroom: 2, ..SelectOptions::default() };
+        let before = p.launches.get();
+        let c = p.call(Expect::Ok, || compress(&s, &prompt, Budgets::PerRow(&[12, 60]), &opts, &mut ws))?;
+        let c = c.expect("Ok");
+        check(p.launches.get() > before, || "a valid compress did not launch".into())?;
+        let lens: Vec<(u32, u32)> = c.layout().segments().iter().map(|s| (s.len, s.capacity)).collect();
+        check(lens == [(12, 14), (40, 42)], || format!("(len, capacity) {lens:?}"))?;
+        let per_qh = SelectOptions { granularity: Granularity::QueryHead, ..opts };
+        let ada = Budgets::AdaKv { base: 16, floor_alpha: 0.2 };
+        let c = p.call(Expect::Ok, || compress(&s, &prompt, ada, &per_qh, &mut ws))?.expect("Ok");
+        let segs = c.layout().segments();
+        check(segs.len() == 4 && segs.iter().all(|s| (w as u32..=q as u32).contains(&s.len)), || {
+            format!("{segs:?}")
+        })
+    });
+}
+
+#[derive(Clone, Debug)]
+enum DestFault {
+    HeadDim(usize),
+    Count(u32),
+    Streaming(usize),
+    Capacity(usize, u32),
+}
+
+/// A destination for `c` (one `Full` segment per score row, room for what the row may keep,
+/// gaps and stale lengths), broken as `fault` says; and what `compress_into` must report.
+fn sel_dest(c: &mut SelCase, fault: Option<&DestFault>, x: u32) -> (LayerLayout, usize, Option<Expect>) {
+    let (mut batch, mut rps, mut d) = (c.batch, c.rows_per_sequence(), c.head_dim);
+    let mut expect = None;
+    let mut streaming = None;
+    let mut short = None;
+    match fault {
+        None => {}
+        Some(&DestFault::HeadDim(k)) => {
+            d = SUPPORTED_HEAD_DIMS
+                [(SUPPORTED_HEAD_DIMS.iter().position(|&s| s == d).unwrap() + 1 + k % 2) % 3];
+            expect = Some(invalid("dest.head_dim"));
+        }
+        Some(&DestFault::Count(k)) => {
+            // Another grid: one more sequence or head, one head fewer, or the other granularity.
+            match k % 4 {
+                0 => batch += 1,
+                1 => rps += 1,
+                2 if rps > 1 => rps -= 1,
+                _ if c.group > 1 => {
+                    rps = match c.opts.granularity {
+                        Granularity::KvHead => c.kv_heads * c.group,
+                        Granularity::QueryHead => c.kv_heads,
+                    }
+                }
+                _ => rps += 2,
+            }
+            expect = Some(invalid("dest.layout"));
+        }
+        Some(&DestFault::Streaming(i)) => {
+            let i = i % c.rows();
+            streaming = Some(i);
+            expect = Some(invalid(format!("dest.segments[{i}].mode")));
+        }
+        Some(&DestFault::Capacity(i, _)) => {
+            c.per_row(x);
+            let i = i % c.rows();
+            short = Some(i);
+            expect = Some(invalid(format!("dest.segments[{i}].capacity")));
+        }
+    }
+    let mut segs = Vec::new();
+    let mut off = 0u32;
+    for r in 0..batch * rps {
+        off += (x >> (r % 8)) % 3;
+        let need = if r < c.rows() { c.most_kept(r) } else { 4 };
+        let mut s = if streaming == Some(r) {
+            Segment::streaming(off, 1, need)
+        } else {
+            let cap = match (short, fault) {
+                (Some(i), Some(&DestFault::Capacity(_, y))) if i == r => y % need,
+                _ => need + (x >> (r % 16)) % 4,
+            };
+            Segment::full(off, cap, 0)
+        };
+        if s.mode == SegmentMode::Full {
+            s.len = (x >> (r % 16)) % (s.capacity + 1);
+        }
+        off += s.capacity;
+        segs.push(s);
+    }
+    let layout = LayerLayout::new(batch, rps, u64::from(off) + u64::from(x % 5), segs).unwrap();
+    (layout, d, expect)
+}
+
+fn select_compress_into(b: &mut Battery) {
+    let dest_fault = prop_oneof![
+        (0usize..2).prop_map(DestFault::HeadDim),
+        any::<u32>().prop_map(DestFault::Count),
+        (0usize..48).prop_map(DestFault::Streaming),
+        (0usize..48, any::<u32>()).prop_map(|(i, y)| DestFault::Capacity(i, y)),
+    ];
+    // Half the cases break the prompt, options or budgets (the destination fits), half the
+    // destination.
+    let fault = prop_oneof![sel_fault().prop_map(Ok), dest_fault.prop_map(Err)];
+    b.run("select::compress_into", 8_000, (sel_case(), fault, any::<u32>()), |p, (mut c, fault, x)| {
+        let s = store(p);
+        let (layout, d, expect) = match &fault {
+            Ok(f) => {
+                let (layout, d, _) = sel_dest(&mut c, None, x);
+                let Some(expect) = apply_sel(&mut c, f, true) else { return Ok(()) };
+                (layout, d, expect)
+            }
+            Err(f) => {
+                let (layout, d, expect) = sel_dest(&mut c, Some(f), x);
+                (layout, d, expect.expect("a destination fault"))
+            }
+        };
+        let mut dest = LayerCache::<_, bf16>::new(&s, layout.clone(), d).unwrap();
+        let bufs = c.bufs(&s);
+        let mut ws = SelectWorkspace::new();
+        p.call(expect, || compress_into(&mut dest, &c.prompt(&bufs), c.budgets(), &c.opts, &mut ws))?;
+        check(dest.layout() == &layout, || "a refused compress_into changed the destination".into())
+    });
+    b.controls("select::compress_into", |p| {
+        // Control: a valid compression into a layout with gaps and headroom launches and sets
+        // each segment's len to min(budget, q).
+        let s = store(p);
+        let (q, d, w) = (40, 64, 8);
+        let data =
+            |n: usize| s.upload(&(0..n).map(|i| bf16::from_f32((i % 11) as f32 / 5.0)).collect::<Vec<_>>());
+        let (k, v, queries) = (data(2 * q * d).unwrap(), data(2 * q * d).unwrap(), data(2 * w * d).unwrap());
+        let prompt = Prompt::<Counting, bf16> {
+            k: &k,
+            v: &v,
+            queries: &queries,
+            batch: 2,
+            kv_heads: 1,
+            group_size: 1,
+            q_len: q,
+            head_dim: d,
+        };
+        let layout =
+            LayerLayout::new(2, 1, 70, vec![Segment::full(3, 20, 5), Segment::full(30, 40, 0)]).unwrap();
+        let mut dest = LayerCache::<_, bf16>::new(&s, layout, d).unwrap();
+        let opts = SelectOptions { window: w, pool_kernel: 3, ..SelectOptions::default() };
+        let before = p.launches.get();
+        let mut ws = SelectWorkspace::new();
+        p.call(Expect::Ok, || compress_into(&mut dest, &prompt, Budgets::PerRow(&[20, 50]), &opts, &mut ws))?;
+        check(p.launches.get() > before, || "a valid compress_into did not launch".into())?;
+        let lens: Vec<u32> = dest.layout().segments().iter().map(|s| s.len).collect();
+        check(lens == [20, 40], || format!("lens {lens:?}"))
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// R-KV eviction (`redundancy`), emulator store counting launches.
+
+/// A layer for R-KV: segment 0 is `Full` with more tokens than any budget drawn here, the others
+/// `Full` (some past the budget) or `Streaming`.
+fn rkv_layout() -> impl Strategy<Value = LayerLayout> {
+    let slot = (any::<bool>(), 0u32..=12, 0u32..3, 1u32..4);
+    (1usize..=2, prop::collection::vec(slot, 1..=6), 0u32..3).prop_map(|(batch, slots, headroom)| {
+        let kv_heads = slots.len().div_ceil(batch);
+        let mut lb = LayoutBuilder::new(batch, kv_heads).headroom(headroom);
+        for i in 0..batch * kv_heads {
+            let (streaming, len, sink, window) = slots[i % slots.len()];
+            let (b, h) = (i / kv_heads, i % kv_heads);
+            lb = if i == 0 {
+                lb.full(b, h, 8 + len)
+            } else if streaming {
+                lb.streaming(b, h, sink, window)
+            } else {
+                lb.full(b, h, len)
+            };
+        }
+        lb.build().unwrap()
+    })
+}
+
+#[derive(Clone, Debug)]
+enum RkvFault {
+    /// A valid call that compacts nothing (no launch).
+    None,
+    AlphaZero,
+    AlphaAboveMax(usize),
+    BudgetAtMostAlpha(u32),
+    BudgetAboveInt32(usize),
+    KernelEven(usize),
+    KernelAboveInt32(usize),
+    Lambda(f64),
+    GroupSize(usize),
+    RingHeads(u32),
+    RingAlpha(u32),
+    RingHeadDim,
+    MaskLen(u32),
+    MaskStreaming(usize, u32),
+    EmptyRing(bool),
+}
+
+fn rkv_evict(b: &mut Battery) {
+    let fault = prop_oneof![
+        Just(RkvFault::None),
+        Just(RkvFault::AlphaZero),
+        prop_oneof![MAX_ALPHA + 1..1000, Just(usize::MAX / 2)].prop_map(RkvFault::AlphaAboveMax),
+        any::<u32>().prop_map(RkvFault::BudgetAtMostAlpha),
+        prop_oneof![i32::MAX as usize + 1..usize::MAX, Just(usize::MAX)].prop_map(RkvFault::BudgetAboveInt32),
+        prop_oneof![(0usize..50).prop_map(|k| 2 * k), Just(usize::MAX - 1)].prop_map(RkvFault::KernelEven),
+        prop_oneof![(i32::MAX as usize / 2 + 1..usize::MAX / 2).prop_map(|k| 2 * k + 1), Just(usize::MAX)]
+            .prop_map(RkvFault::KernelAboveInt32),
+        prop_oneof![
+            prop::sample::select(vec![
+                f64::NAN,
+                f64::INFINITY,
+                f64::NEG_INFINITY,
+                -f64::MIN_POSITIVE,
+                1.0 + f64::EPSILON
+            ]),
+            -1e300f64..-1e-300,
+            1.0000001f64..1e300,
+        ]
+        .prop_map(RkvFault::Lambda),
+        prop_oneof![Just(0usize), MAX_RKV_GROUP + 1..200, Just(usize::MAX)].prop_map(RkvFault::GroupSize),
+        any::<u32>().prop_map(RkvFault::RingHeads),
+        any::<u32>().prop_map(RkvFault::RingAlpha),
+        Just(RkvFault::RingHeadDim),
+        any::<u32>().prop_map(RkvFault::MaskLen),
+        (0usize..12, any::<u32>()).prop_map(|(i, x)| RkvFault::MaskStreaming(i, x)),
+        any::<bool>().prop_map(RkvFault::EmptyRing),
+    ];
+    let opts = (1usize..=4, 1usize..=3, 0usize..4, 0usize..6, 0.0f64..=1.0, any::<bool>());
+    b.run(
+        "redundancy::evict",
+        6_000,
+        (rkv_layout(), 1usize..=4, opts, any::<u32>(), fault),
+        |p, (layout, g, (alpha, extra, kernel, buffer, lambda, quirk), x, fault)| {
+            let s = store(p);
+            let d = 64;
+            let n = layout.segments().len();
+            let mut opts = RkvOptions {
+                budget: alpha + extra,
+                buffer,
+                alpha,
+                kernel: 2 * kernel + 1,
+                lambda,
+                fidelity_quirk: quirk,
+            };
+            let mut group = g;
+            let (mut heads, mut ring_alpha, mut ring_d) = (n * g, alpha, d);
+            let full: Vec<bool> = layout.segments().iter().map(|s| s.mode == SegmentMode::Full).collect();
+            // Valid: a mask over Full segments none of which holds more than the budget, or
+            // a threshold no segment reaches.
+            let quiet: Vec<bool> = layout
+                .segments()
+                .iter()
+                .map(|s| s.mode == SegmentMode::Full && s.len as usize <= opts.budget)
+                .collect();
+            let mut mask = Some(quiet);
+            let expect = match fault {
+                RkvFault::None => {
+                    if x % 2 == 0 {
+                        (mask, opts.buffer) = (None, 100);
+                    }
+                    Expect::Ok
+                }
+                RkvFault::AlphaZero => {
+                    opts.alpha = 0;
+                    invalid("alpha")
+                }
+                RkvFault::AlphaAboveMax(a) => {
+                    (opts.alpha, opts.budget) = (a, a + 1);
+                    invalid("alpha")
+                }
+                RkvFault::BudgetAtMostAlpha(y) => {
+                    opts.budget = y as usize % (alpha + 1);
+                    invalid("budget")
+                }
+                RkvFault::BudgetAboveInt32(v) => {
+                    opts.budget = v;
+                    invalid("budget")
+                }
+                RkvFault::KernelEven(k) => {
+                    opts.kernel = k;
+                    invalid("kernel")
+                }
+                RkvFault::KernelAboveInt32(k) => {
+                    opts.kernel = k;
+                    invalid("kernel")
+                }
+                RkvFault::Lambda(l) => {
+                    opts.lambda = l;
+                    invalid("lambda")
+                }
+                RkvFault::GroupSize(v) => {
+                    group = v;
+                    invalid("group_size")
+                }
+                RkvFault::RingHeads(y) => {
+                    // Sized for another group or segment count.
+                    heads = match y % 3 {
+                        0 => n * g + 1,
+                        1 if n * g > 1 => n * g - 1,
+                        _ => n * (g % 4 + 1) + n * 4,
+                    };
+                    invalid("ring")
+                }
+                RkvFault::RingAlpha(y) => {
+                    ring_alpha = 1 + (alpha + y as usize % (MAX_ALPHA - 1)) % MAX_ALPHA;
+                    invalid("ring")
+                }
+                RkvFault::RingHeadDim => {
+                    ring_d = SUPPORTED_HEAD_DIMS[1 + x as usize % 2];
+                    invalid("ring")
+                }
+                RkvFault::MaskLen(y) => {
+                    let len = [n + 1, n - 1, 0, n * 2, n + 1 + y as usize % 100][y as usize % 5];
+                    mask = Some(vec![false; len]);
+                    invalid("trigger")
+                }
+                RkvFault::MaskStreaming(i, y) => {
+                    match pick(layout.segments(), i, |s| s.mode != SegmentMode::Full) {
+                        Some(k) => {
+                            // Also any Full segments (which would be compacted): the Streaming one
+                            // is refused first.
+                            let mut m: Vec<bool> =
+                                full.iter().enumerate().map(|(j, &f)| f && (y >> j) & 1 == 1).collect();
+                            m[k] = true;
+                            mask = Some(m);
+                            invalid(format!("trigger[{k}]"))
+                        }
+                        None => {
+                            mask = Some(vec![true; n + 1]);
+                            invalid("trigger")
+                        }
+                    }
+                }
+                RkvFault::EmptyRing(threshold) => {
+                    // Segment 0 holds more than the budget; no query was pushed.
+                    if threshold {
+                        (mask, opts.buffer) = (None, layout.segments()[0].len as usize - opts.budget);
+                    } else {
+                        mask.as_mut().unwrap()[0] = true;
+                    }
+                    invalid("ring")
+                }
+            };
+            let mut cache = LayerCache::<_, bf16>::new(&s, layout.clone(), d).unwrap();
+            let ring = QueryRing::<_, bf16>::new(&s, heads, ring_alpha, ring_d).unwrap();
+            let trigger = match &mask {
+                Some(m) => RkvTrigger::Forced(m),
+                None => RkvTrigger::Threshold,
+            };
+            let mut ws = RkvWorkspace::new();
+            if let Some(done) = p.call(expect, || evict(&mut cache, &ring, group, &opts, trigger, &mut ws))? {
+                check(done == vec![false; n], || {
+                    format!("compacted {done:?} with no segment past the budget")
+                })?;
+            }
+            check(cache.layout() == &layout, || {
+                "an eviction that compacted nothing changed the layout".into()
+            })
+        },
+    );
+    b.controls("redundancy::evict", |p| {
+        // Control: a segment past the budget, with queries pushed, is compacted (4 launches) to
+        // the budget; the Streaming one is left alone.
+        let s = store(p);
+        let layout = LayoutBuilder::new(1, 2).full(0, 0, 24).streaming(0, 1, 2, 4).build().unwrap();
+        let d = 64;
+        let rows: Vec<bf16> =
+            (0..layout.total_rows() * d).map(|i| bf16::from_f32((i % 17) as f32 / 9.0)).collect();
+        let (k, v) = (s.upload(&rows).unwrap(), s.upload(&rows).unwrap());
+        let mut cache = LayerCache::from_parts(&s, layout, d, k, v).unwrap();
+        let mut ring = QueryRing::<_, bf16>::new(&s, 2 * 2, 4, d).unwrap();
+        let q = s.upload(&rows[..4 * d]).unwrap();
+        p.call(Expect::Ok, || ring.push(&q))?;
+        let opts = RkvOptions { alpha: 4, ..RkvOptions::new(10) };
+        let before = p.launches.get();
+        let mut ws = RkvWorkspace::new();
+        let done = p.call(Expect::Ok, || {
+            evict(&mut cache, &ring, 2, &opts, RkvTrigger::Forced(&[true, false]), &mut ws)
+        })?;
+        check(done == Some(vec![true, false]), || format!("compacted {done:?}"))?;
+        check(p.launches.get() == before + 4, || "a compaction did not launch 4 kernels".into())?;
+        check(cache.layout().segments()[0].len == 10, || format!("{:?}", cache.layout()))
+    });
+}
+
+fn query_ring_new(b: &mut Battery) {
+    let fault = prop_oneof![
+        Just(None),
+        bad_head_dim().prop_map(|d| Some(("head_dim", d))),
+        prop_oneof![Just(0usize), i32::MAX as usize + 1..usize::MAX, Just(usize::MAX)]
+            .prop_map(|h| Some(("heads", h))),
+        prop_oneof![Just(0usize), MAX_ALPHA + 1..1000, Just(usize::MAX)].prop_map(|a| Some(("alpha", a))),
+    ];
+    let d = prop::sample::select(SUPPORTED_HEAD_DIMS.to_vec());
+    b.run(
+        "QueryRing::new",
+        4_000,
+        (1usize..=64, 1usize..=MAX_ALPHA, d, fault),
+        |p, (heads, alpha, d, fault)| {
+            let s = store(p);
+            let (mut heads, mut alpha, mut d) = (heads, alpha, d);
+            let expect = match fault {
+                None => Expect::Ok,
+                Some((field, v)) => {
+                    match field {
+                        "head_dim" => d = v,
+                        "heads" => heads = v,
+                        _ => alpha = v,
+                    }
+                    invalid(field)
+                }
+            };
+            if let Some(r) = p.call(expect, || QueryRing::<_, bf16>::new(&s, heads, alpha, d))? {
+                check(
+                    r.heads() == heads
+                        && r.alpha() == alpha
+                        && r.count() == 0
+                        && Counting::len(r.buf()) == heads * alpha * d,
+                    || "wrong ring".into(),
+                )?;
+            }
+            Ok(())
+        },
+    );
+}
+
+fn query_ring_push(b: &mut Battery) {
+    let d = prop::sample::select(SUPPORTED_HEAD_DIMS.to_vec());
+    b.run(
+        "QueryRing::push",
+        3_000,
+        (1usize..=16, 1usize..=MAX_ALPHA, d, any::<u32>()),
+        |p, (heads, alpha, d, x)| {
+            let s = store(p);
+            let mut ring = QueryRing::<_, bf16>::new(&s, heads, alpha, d).unwrap();
+            let q = s.zeros::<bf16>(wrong_len(heads * d, heads, x)).unwrap();
+            p.call(invalid("q"), || ring.push(&q))?;
+            check(ring.count() == 0 && ring.next_slot() == 0, || "a refused push moved the ring".into())
+        },
+    );
+    b.controls("QueryRing::push", |p| {
+        // Control: valid pushes launch once each and wrap around the ring.
+        let s = store(p);
+        let mut ring = QueryRing::<_, bf16>::new(&s, 3, 2, 64).unwrap();
+        let q = s.upload(&vec![bf16::ONE; 3 * 64]).unwrap();
+        for i in 0..3 {
+            let before = p.launches.get();
+            p.call(Expect::Ok, || ring.push(&q))?;
+            check(p.launches.get() == before + 1, || format!("push {i} did not launch once"))?;
+        }
+        check(ring.count() == 2 && ring.next_slot() == 1, || "wrong ring position".into())
     });
 }
