@@ -1124,25 +1124,28 @@ pub unsafe extern "C" fn headwise_head_scores_free(scores: *mut HeadwiseHeadScor
 /// primary context current before its driver calls; an engine that drives several devices from
 /// one thread (runtime API: `cudaSetDevice`) would otherwise find its next runtime call on the
 /// wrong device.
-struct KeepCurrentContext(Option<CUcontext>);
+struct KeepCurrentContext(CUcontext);
+
+/// The calling thread's current context; NULL when there is none, and before cuInit (when the
+/// query fails), so a thread that had no context gets none back.
+fn current_context() -> CUcontext {
+    cudarc::driver::result::ctx::get_current().ok().flatten().unwrap_or(null_mut())
+}
 
 impl KeepCurrentContext {
     /// Only call once libcuda is known to be loadable (a GPU handle exists, or
     /// `is_culib_present` said so): cudarc panics when it cannot load the library.
     fn new() -> KeepCurrentContext {
-        // Before cuInit there is no current context to keep and the query fails: keep nothing.
-        KeepCurrentContext(cudarc::driver::result::ctx::get_current().ok().map(|c| c.unwrap_or(null_mut())))
+        KeepCurrentContext(current_context())
     }
 }
 
 impl Drop for KeepCurrentContext {
     fn drop(&mut self) {
-        if let Some(prev) = self.0
-            && cudarc::driver::result::ctx::get_current().ok().map(|c| c.unwrap_or(null_mut())) != Some(prev)
-        {
-            // SAFETY: `prev` was current on this thread when the call began (or NULL, which
-            // unbinds); the engine owns it and keeps it alive across its own call.
-            let _ = unsafe { cudarc::driver::result::ctx::set_current(prev) };
+        if current_context() != self.0 {
+            // SAFETY: self.0 was current on this thread when the call began (or is NULL, which
+            // unbinds); the engine owns that context and keeps it alive across its own call.
+            let _ = unsafe { cudarc::driver::result::ctx::set_current(self.0) };
         }
     }
 }
