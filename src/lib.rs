@@ -9,6 +9,8 @@
 
 pub mod attention;
 pub mod cache;
+#[cfg(feature = "capi")]
+pub mod capi;
 pub mod dtype;
 pub mod emu;
 pub mod error;

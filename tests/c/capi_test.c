@@ -1,0 +1,520 @@
+/* The C ABI as an engine sees it: include/headwise.h, linked against libheadwise.
+ *
+ * Built and run by tests/capi_c.rs (cargo test --features capi). Needs no GPU: it checks the
+ * error paths (NULL pointers, bad sizes, invalid layouts -> the right code and a non-empty
+ * message), the layout functions and the policy functions on known answers, and that the GPU
+ * entry points report HEADWISE_ERROR_NO_GPU (or _NO_KERNELS for a build without nvcc) where
+ * there is no GPU. Exit status 0 when every check passed. */
+
+#include "headwise.h"
+
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+
+static int checks = 0;
+static int failures = 0;
+static char message[2048];
+
+static const char *last_message(void) {
+    headwise_last_error_message(message, sizeof message);
+    return message;
+}
+
+#define CHECK(cond)                                                                 \
+    do {                                                                            \
+        checks++;                                                                   \
+        if (!(cond)) {                                                              \
+            failures++;                                                             \
+            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
+        }                                                                           \
+    } while (0)
+
+/* A call must return `want`, leave the same code as the thread's last error, and leave a
+ * message: empty after success, non-empty (and containing `needle` when given) after an error. */
+#define EXPECT(call, want, needle) expect_status((call), (want), (needle), #call, __LINE__)
+
+static void expect_status(int got, int want, const char *needle, const char *what, int line) {
+    const char *m = last_message();
+    int ok = got == want && headwise_last_error_code() == want;
+    if (want == HEADWISE_OK) {
+        ok = ok && m[0] == '\0';
+    } else {
+        ok = ok && m[0] != '\0' && (needle == NULL || strstr(m, needle) != NULL);
+    }
+    checks++;
+    if (!ok) {
+        failures++;
+        fprintf(stderr, "%s:%d: %s\n    returned %s (%d), expected %s; message \"%s\"%s%s\n", __FILE__, line,
+                what, headwise_status_name(got), got, headwise_status_name(want), m,
+                needle ? ", expected to contain " : "", needle ? needle : "");
+    }
+}
+
+#define OK(call) EXPECT(call, HEADWISE_OK, NULL)
+#define INVALID(call, needle) EXPECT(call, HEADWISE_ERROR_INVALID_ARGUMENT, needle)
+
+/* A non-NULL value that is not a handle: a failed creation must overwrite it with NULL. */
+static int sentinel_storage;
+#define SENTINEL ((void *)&sentinel_storage)
+
+static void test_status_codes_and_messages(void) {
+    const int codes[] = {HEADWISE_OK,
+                         HEADWISE_ERROR_INVALID_ARGUMENT,
+                         HEADWISE_ERROR_SEGMENT_FULL,
+                         HEADWISE_ERROR_NO_GPU,
+                         HEADWISE_ERROR_NO_KERNELS,
+                         HEADWISE_ERROR_DRIVER,
+                         HEADWISE_ERROR_EMULATOR,
+                         HEADWISE_ERROR_PANIC,
+                         HEADWISE_ERROR_INVARIANT};
+    const size_t n = sizeof codes / sizeof codes[0];
+    for (size_t i = 0; i < n; i++) {
+        CHECK(strcmp(headwise_status_name(codes[i]), "HEADWISE_UNKNOWN") != 0);
+        for (size_t j = 0; j < i; j++) {
+            CHECK(codes[i] != codes[j]);
+            CHECK(strcmp(headwise_status_name(codes[i]), headwise_status_name(codes[j])) != 0);
+        }
+    }
+    CHECK(HEADWISE_OK == 0);
+    CHECK(strcmp(headwise_status_name(HEADWISE_ERROR_SEGMENT_FULL), "HEADWISE_ERROR_SEGMENT_FULL") == 0);
+    CHECK(strcmp(headwise_status_name(12345), "HEADWISE_UNKNOWN") == 0);
+
+    /* A failure leaves a message; the getters neither clear nor change it. */
+    uint32_t budget = 0;
+    INVALID(headwise_budget_uniform(32, 32, &budget), "capacity");
+    size_t full_len = headwise_last_error_message(NULL, 0);
+    CHECK(full_len > 8);
+    CHECK(full_len == strlen(last_message()));
+    CHECK(headwise_last_error_code() == HEADWISE_ERROR_INVALID_ARGUMENT);
+
+    /* snprintf-style truncation, always NUL-terminated. */
+    char small[8];
+    memset(small, 'x', sizeof small);
+    CHECK(headwise_last_error_message(small, sizeof small) == full_len);
+    CHECK(small[7] == '\0' && strlen(small) == 7);
+    CHECK(strncmp(small, message, 7) == 0);
+    char one[1] = {'x'};
+    CHECK(headwise_last_error_message(one, 1) == full_len && one[0] == '\0');
+
+    /* A success clears it. */
+    OK(headwise_budget_uniform(2048, 32, &budget));
+    CHECK(budget == 2048);
+    CHECK(headwise_last_error_message(NULL, 0) == 0);
+    CHECK(headwise_last_error_code() == HEADWISE_OK);
+}
+
+/* Segment 0: Full, rows 0..10, 4 in use. Segment 1: Streaming 4 + 8 at rows 10..22. */
+static const uint32_t OFFSET[2] = {0, 10};
+static const uint32_t CAPACITY[2] = {10, 12};
+static const uint32_t LEN[2] = {4, 0};
+static const int32_t MODE[2] = {HEADWISE_MODE_FULL, HEADWISE_MODE_STREAMING};
+static const uint32_t SINK[2] = {0, 4};
+static const uint32_t WINDOW[2] = {0, 8};
+
+static void test_layout_queries(void) {
+    HeadwiseLayout *layout = SENTINEL;
+    OK(headwise_layout_create(1, 2, 22, 2, OFFSET, CAPACITY, LEN, NULL, MODE, SINK, WINDOW, &layout));
+    CHECK(layout != NULL && layout != SENTINEL);
+
+    size_t batch = 0, kv_heads = 0, segments = 0, table_len = 0;
+    uint64_t total_rows = 0, in_use = 0;
+    OK(headwise_layout_batch(layout, &batch));
+    OK(headwise_layout_kv_heads(layout, &kv_heads));
+    OK(headwise_layout_num_segments(layout, &segments));
+    OK(headwise_layout_total_rows(layout, &total_rows));
+    OK(headwise_layout_rows_in_use(layout, &in_use));
+    OK(headwise_layout_device_table_len(layout, &table_len));
+    CHECK(batch == 1 && kv_heads == 2 && segments == 2);
+    CHECK(total_rows == 22 && in_use == 4);
+    CHECK(table_len == HEADWISE_DEVICE_TABLE_FIELDS * 2);
+
+    /* offset, capacity, len, sink, ring_head, mode; num_segments entries each. */
+    int32_t table[12];
+    const int32_t want_table[12] = {0, 10, 10, 12, 4, 0, 0, 4, 0, 0, HEADWISE_MODE_FULL, HEADWISE_MODE_STREAMING};
+    OK(headwise_layout_device_table(layout, table, 12));
+    CHECK(memcmp(table, want_table, sizeof table) == 0);
+    INVALID(headwise_layout_device_table(layout, table, 11), "12");
+    INVALID(headwise_layout_device_table(layout, NULL, 12), "out");
+
+    uint32_t offset[2], capacity[2], len[2], ring_head[2] = {9, 9}, sink[2], window[2];
+    int32_t mode[2];
+    OK(headwise_layout_segments(layout, 2, offset, capacity, len, ring_head, mode, sink, window));
+    CHECK(memcmp(offset, OFFSET, sizeof offset) == 0 && memcmp(capacity, CAPACITY, sizeof capacity) == 0);
+    CHECK(memcmp(len, LEN, sizeof len) == 0 && memcmp(mode, MODE, sizeof mode) == 0);
+    CHECK(memcmp(sink, SINK, sizeof sink) == 0 && memcmp(window, WINDOW, sizeof window) == 0);
+    CHECK(ring_head[0] == 0 && ring_head[1] == 0);
+    OK(headwise_layout_segments(layout, 2, NULL, NULL, len, NULL, NULL, NULL, NULL));
+    INVALID(headwise_layout_segments(layout, 3, offset, NULL, NULL, NULL, NULL, NULL, NULL), "num_segments");
+    OK(headwise_layout_check_appendable(layout));
+
+    HeadwiseLayout *copy = NULL;
+    OK(headwise_layout_clone(layout, &copy));
+    uint64_t copy_rows = 0;
+    OK(headwise_layout_total_rows(copy, &copy_rows));
+    CHECK(copy_rows == 22);
+    OK(headwise_layout_free(copy));
+
+    /* Getters: NULL handle or NULL out-pointer. */
+    INVALID(headwise_layout_batch(NULL, &batch), "layout");
+    INVALID(headwise_layout_total_rows(layout, NULL), "out");
+    INVALID(headwise_layout_num_segments(NULL, NULL), NULL);
+    INVALID(headwise_layout_check_appendable(NULL), "layout");
+    INVALID(headwise_layout_clone(NULL, &copy), "layout");
+    CHECK(copy == NULL);
+
+    OK(headwise_layout_free(layout));
+    OK(headwise_layout_free(NULL));
+}
+
+static void test_full_segments_and_regrow(void) {
+    /* Segment 0 is Full with len == capacity: the next append has nowhere to go. */
+    const uint32_t len[2] = {10, 12};
+    const uint32_t ring_head[2] = {0, 3};
+    HeadwiseLayout *layout = NULL;
+    OK(headwise_layout_create(1, 2, 22, 2, OFFSET, CAPACITY, len, ring_head, MODE, SINK, WINDOW, &layout));
+    EXPECT(headwise_layout_check_appendable(layout), HEADWISE_ERROR_SEGMENT_FULL, "segment 0");
+
+    HeadwiseLayout *grown = NULL;
+    OK(headwise_layout_regrown(layout, 5, &grown));
+    uint32_t offset[2], capacity[2], glen[2], gring[2];
+    OK(headwise_layout_segments(grown, 2, offset, capacity, glen, gring, NULL, NULL, NULL));
+    CHECK(offset[0] == 0 && capacity[0] == 15 && glen[0] == 10);
+    CHECK(offset[1] == 15 && capacity[1] == 12 && glen[1] == 12 && gring[1] == 3);
+    uint64_t rows = 0;
+    OK(headwise_layout_total_rows(grown, &rows));
+    CHECK(rows == 27);
+    OK(headwise_layout_check_appendable(grown));
+    INVALID(headwise_layout_regrown(layout, 0xFFFFFFFFu, &grown), "headroom");
+    CHECK(grown == NULL);
+    OK(headwise_layout_free(layout));
+}
+
+static void test_invalid_layouts(void) {
+    HeadwiseLayout *layout = SENTINEL;
+    const uint32_t overlap[2] = {0, 5};
+    INVALID(headwise_layout_create(1, 2, 22, 2, overlap, CAPACITY, LEN, NULL, MODE, SINK, WINDOW, &layout),
+            "overlap");
+    CHECK(layout == NULL);
+
+    const uint32_t too_long[2] = {11, 0};
+    INVALID(headwise_layout_create(1, 2, 22, 2, OFFSET, CAPACITY, too_long, NULL, MODE, SINK, WINDOW, &layout),
+            "segments[0].len");
+    INVALID(headwise_layout_create(1, 2, 21, 2, OFFSET, CAPACITY, LEN, NULL, MODE, SINK, WINDOW, &layout),
+            "total_rows");
+    INVALID(headwise_layout_create(1, 2, (uint64_t)INT32_MAX + 1, 2, OFFSET, CAPACITY, LEN, NULL, MODE, SINK,
+                                   WINDOW, &layout),
+            "total_rows");
+    const int32_t bad_mode[2] = {HEADWISE_MODE_FULL, 7};
+    INVALID(headwise_layout_create(1, 2, 22, 2, OFFSET, CAPACITY, LEN, NULL, bad_mode, SINK, WINDOW, &layout),
+            "mode[1]");
+    const uint32_t zero_window[2] = {0, 0};
+    const uint32_t sink12[2] = {0, 12};
+    INVALID(headwise_layout_create(1, 2, 22, 2, OFFSET, CAPACITY, LEN, NULL, MODE, sink12, zero_window, &layout),
+            "window");
+    const uint32_t wrong_window[2] = {0, 9};
+    INVALID(headwise_layout_create(1, 2, 22, 2, OFFSET, CAPACITY, LEN, NULL, MODE, SINK, wrong_window, &layout),
+            "capacity");
+    const uint32_t ring_before_full[2] = {0, 1};
+    INVALID(headwise_layout_create(1, 2, 22, 2, OFFSET, CAPACITY, LEN, ring_before_full, MODE, SINK, WINDOW,
+                                   &layout),
+            "ring_head");
+
+    /* Counts that disagree: 3 segments for batch 1 x 2 heads, batch 0. */
+    const uint32_t three[3] = {0, 10, 22};
+    const int32_t full3[3] = {HEADWISE_MODE_FULL, HEADWISE_MODE_FULL, HEADWISE_MODE_FULL};
+    INVALID(headwise_layout_create(1, 2, 30, 3, three, three, three, NULL, full3, NULL, NULL, &layout),
+            "segments");
+    INVALID(headwise_layout_create(0, 2, 22, 2, OFFSET, CAPACITY, LEN, NULL, MODE, SINK, WINDOW, &layout), "batch");
+
+    /* NULL arrays and out-pointers. */
+    INVALID(headwise_layout_create(1, 2, 22, 2, NULL, CAPACITY, LEN, NULL, MODE, SINK, WINDOW, &layout), "offset");
+    INVALID(headwise_layout_create(1, 2, 22, 2, OFFSET, CAPACITY, NULL, NULL, MODE, SINK, WINDOW, &layout), "len");
+    INVALID(headwise_layout_create(1, 2, 22, 2, OFFSET, CAPACITY, LEN, NULL, NULL, SINK, WINDOW, &layout), "mode");
+    INVALID(headwise_layout_create(1, 2, 22, 2, OFFSET, CAPACITY, LEN, NULL, MODE, NULL, WINDOW, &layout), "sink");
+    INVALID(headwise_layout_create(1, 2, 22, 2, OFFSET, CAPACITY, LEN, NULL, MODE, SINK, NULL, &layout), "window");
+    INVALID(headwise_layout_create(1, 2, 22, 2, OFFSET, CAPACITY, LEN, NULL, MODE, SINK, WINDOW, NULL), "out");
+    CHECK(layout == NULL);
+
+    /* Misaligned array: the library refuses it instead of reading through it. */
+    uint32_t storage[3] = {0, 0, 10};
+    const uint32_t *misaligned = (const uint32_t *)((const char *)storage + 1);
+    INVALID(headwise_layout_create(1, 2, 22, 2, misaligned, CAPACITY, LEN, NULL, MODE, SINK, WINDOW, &layout),
+            "aligned");
+}
+
+static void test_pack(void) {
+    /* 2 sequences x 2 KV heads: heads 0 Full (100 and 50 prompt tokens), heads 1 RLKV streaming. */
+    const int32_t mode[4] = {HEADWISE_MODE_FULL, HEADWISE_MODE_STREAMING, HEADWISE_MODE_FULL,
+                             HEADWISE_MODE_STREAMING};
+    const uint32_t len[4] = {100, 0, 50, 0};
+    const uint32_t sink[4] = {0, HEADWISE_RLKV_SINK, 0, HEADWISE_RLKV_SINK};
+    const uint32_t window[4] = {0, HEADWISE_RLKV_WINDOW, 0, HEADWISE_RLKV_WINDOW};
+    HeadwiseLayout *layout = NULL;
+    OK(headwise_layout_pack(2, 2, 16, mode, len, sink, window, &layout));
+    uint32_t offset[4], capacity[4];
+    OK(headwise_layout_segments(layout, 4, offset, capacity, NULL, NULL, NULL, NULL, NULL));
+    CHECK(offset[0] == 0 && capacity[0] == 116);
+    CHECK(offset[1] == 116 && capacity[1] == 80);
+    CHECK(offset[2] == 196 && capacity[2] == 66);
+    CHECK(offset[3] == 262 && capacity[3] == 80);
+    uint64_t rows = 0, in_use = 0;
+    OK(headwise_layout_total_rows(layout, &rows));
+    OK(headwise_layout_rows_in_use(layout, &in_use));
+    CHECK(rows == 342 && in_use == 150);
+    OK(headwise_layout_free(layout));
+
+    /* NULL mode: all Full; NULL len: all empty. */
+    OK(headwise_layout_pack(1, 3, 8, NULL, NULL, NULL, NULL, &layout));
+    OK(headwise_layout_total_rows(layout, &rows));
+    CHECK(rows == 24);
+    OK(headwise_layout_free(layout));
+
+    const uint32_t streaming_len[4] = {100, 1, 50, 0};
+    INVALID(headwise_layout_pack(2, 2, 16, mode, streaming_len, sink, window, &layout), "len[1]");
+    INVALID(headwise_layout_pack(2, 2, 16, mode, len, NULL, window, &layout), "sink");
+    const int32_t bad_mode[4] = {0, 0, 2, 0};
+    INVALID(headwise_layout_pack(2, 2, 16, bad_mode, len, NULL, NULL, &layout), "mode[2]");
+    INVALID(headwise_layout_pack(SIZE_MAX, 2, 16, NULL, NULL, NULL, NULL, &layout), "batch * kv_heads");
+    CHECK(layout == NULL);
+}
+
+static void test_budget_policies(void) {
+    /* PyramidKV, C = 128, W = 8, L = 32, long prompt: prefix budgets 234, 227, ..., 17, which
+     * total 4016 (not 32 * 120: the authors' integer floors overshoot). */
+    uint32_t b[32];
+    OK(headwise_budget_pyramid(128, 8, 32, 100000, HEADWISE_PYRAMID_BETA_DEFAULT, b, 32));
+    uint32_t total = 0;
+    for (int l = 0; l < 32; l++) {
+        total += b[l] - 8;
+        if (l > 0) CHECK(b[l - 1] - b[l] == 7);
+    }
+    CHECK(b[0] == 242 && b[31] == 25);
+    CHECK(total == 4016);
+    /* A prompt shorter than the capacity is kept whole. */
+    uint32_t short_prompt[4];
+    OK(headwise_budget_pyramid(128, 8, 4, 100, 20, short_prompt, 4));
+    for (int l = 0; l < 4; l++) CHECK(short_prompt[l] == 100);
+    INVALID(headwise_budget_pyramid(128, 8, 32, 100000, 20, b, 31), "out_len");
+    INVALID(headwise_budget_pyramid(128, 8, 1, 100000, 20, b, 1), "layers");
+    INVALID(headwise_budget_pyramid(128, 8, 32, 100000, 0, b, 32), "beta");
+    INVALID(headwise_budget_pyramid(128, 8, 32, 100000, 20, NULL, 32), "out");
+
+    /* HeadKV, worked by hand: B = 6, floor(6 / 1.5) = 4, pool = 12, min = 2, s = 1/8, 3/8, 1/2:
+     * 3.5 -> 4, 6.5 -> 6 (half to even), 8, plus the window 8. */
+    const float importance[3] = {1.0f, 3.0f, 4.0f};
+    uint32_t caps[3];
+    OK(headwise_budget_headkv(importance, 3, 14, 8, HEADWISE_HEADKV_BETA_DEFAULT, HEADWISE_HEADKV_TEMP_DEFAULT,
+                              HEADWISE_HEADKV_REPO, caps, 3));
+    CHECK(caps[0] == 12 && caps[1] == 14 && caps[2] == 16);
+    /* KVCache-Factory: B = base, no temp: B = 14, floor(14 / 1.5) = 9, pool = 27, min = 5. */
+    OK(headwise_budget_headkv(importance, 3, 14, 8, 1.5f, 2.0f, HEADWISE_HEADKV_KVCACHE_FACTORY, caps, 3));
+    CHECK(caps[0] == 16 && caps[1] == 23 && caps[2] == 26);
+    INVALID(headwise_budget_headkv(importance, 3, 14, 8, 1.5f, 1.0f, 5, caps, 3), "variant");
+    INVALID(headwise_budget_headkv(importance, 3, 14, 8, 1.5f, 1.0f, HEADWISE_HEADKV_REPO, caps, 2), "out_len");
+    const float with_nan[2] = {1.0f, NAN};
+    INVALID(headwise_budget_headkv(with_nan, 2, 14, 8, 1.5f, 1.0f, HEADWISE_HEADKV_REPO, caps, 2), "importance[1]");
+    INVALID(headwise_budget_headkv(NULL, 3, 14, 8, 1.5f, 1.0f, HEADWISE_HEADKV_REPO, caps, 3), "importance");
+    INVALID(headwise_budget_headkv(importance, 3, 14, 8, 0.5f, 1.0f, HEADWISE_HEADKV_REPO, caps, 3), "beta");
+
+    uint32_t u = 0;
+    OK(headwise_budget_uniform(2048, 32, &u));
+    CHECK(u == 2048);
+    INVALID(headwise_budget_uniform(2048, 32, NULL), "out");
+}
+
+static void test_head_gates(void) {
+    /* 2 layers x 2 KV heads; -0.5 and 1.5 are clipped to [0, 1] as the authors' loaders do. */
+    const char tsv[] = "0.9\t0.1\n0.5\t0.3\n";
+    HeadwiseHeadGates *gates = NULL;
+    OK(headwise_head_gates_parse(tsv, strlen(tsv), &gates));
+    size_t layers = 0, kv_heads = 0;
+    OK(headwise_head_gates_shape(gates, &layers, &kv_heads));
+    CHECK(layers == 2 && kv_heads == 2);
+    double values[4];
+    OK(headwise_head_gates_values(gates, values, 4));
+    CHECK(values[0] == 0.9 && values[1] == 0.1 && values[2] == 0.5 && values[3] == 0.3);
+
+    /* np.quantile([0.1, 0.3, 0.5, 0.9], 0.5) = 0.4: heads with gate >= 0.4 keep a full cache. */
+    uint8_t mask[4];
+    OK(headwise_head_gates_select_full(gates, 0.5, mask, 4));
+    CHECK(mask[0] == 1 && mask[1] == 0 && mask[2] == 1 && mask[3] == 0);
+    OK(headwise_head_gates_select_full(gates, 0.0, mask, 4));
+    CHECK(mask[0] && mask[1] && mask[2] && mask[3]);
+    OK(headwise_head_gates_select_full(gates, 1.0, mask, 4));
+    CHECK(mask[0] == 1 && !mask[1] && !mask[2] && !mask[3]);
+    INVALID(headwise_head_gates_select_full(gates, 1.5, mask, 4), "sparsity");
+    INVALID(headwise_head_gates_select_full(gates, 0.5, mask, 3), "mask_len");
+    INVALID(headwise_head_gates_select_full(gates, 0.5, NULL, 4), "mask");
+    INVALID(headwise_head_gates_values(gates, values, 5), "len");
+    INVALID(headwise_head_gates_shape(NULL, &layers, &kv_heads), "gates");
+    OK(headwise_head_gates_free(gates));
+
+    const char clipped[] = "-0.5 1.5\n";
+    OK(headwise_head_gates_parse(clipped, strlen(clipped), &gates));
+    OK(headwise_head_gates_values(gates, values, 2));
+    CHECK(values[0] == 0.0 && values[1] == 1.0);
+    OK(headwise_head_gates_free(gates));
+
+    gates = SENTINEL;
+    const char not_a_number[] = "0.1\tx\n";
+    INVALID(headwise_head_gates_parse(not_a_number, strlen(not_a_number), &gates), "line 1 column 2");
+    CHECK(gates == NULL);
+    const char ragged[] = "0.1\t0.2\n0.3\n";
+    INVALID(headwise_head_gates_parse(ragged, strlen(ragged), &gates), "line 2");
+    INVALID(headwise_head_gates_parse("", 0, &gates), "no rows");
+    const char not_utf8[] = "0.1\t\xff\n";
+    INVALID(headwise_head_gates_parse(not_utf8, strlen(not_utf8), &gates), "UTF-8");
+    INVALID(headwise_head_gates_parse(NULL, 5, &gates), "text");
+    OK(headwise_head_gates_free(NULL));
+
+    /* DuoAttention config.json: deploy sizes override the training ones. */
+    uint32_t sink = 0, window = 0;
+    const char config[] = "{\"sink_size\": 128, \"recent_size\": 256, \"deploy_sink_size\": 64}";
+    OK(headwise_duo_attention_config(config, strlen(config), &sink, &window));
+    CHECK(sink == 64 && window == 256);
+    const char missing[] = "{\"sink_size\": 128}";
+    INVALID(headwise_duo_attention_config(missing, strlen(missing), &sink, &window), "recent_size");
+}
+
+static void test_head_scores(void) {
+    /* Keys in any order; a head's importance is the mean of its list. */
+    const char json[] = "{\"0-0\":[1,3],\"0-1\":[2],\"1-1\":[0.5,0.5],\"1-0\":[4]}";
+    HeadwiseHeadScores *scores = NULL;
+    OK(headwise_head_scores_parse(json, strlen(json), &scores));
+    size_t layers = 0, heads = 0;
+    OK(headwise_head_scores_shape(scores, &layers, &heads));
+    CHECK(layers == 2 && heads == 2);
+    float importance[4];
+    OK(headwise_head_scores_importance(scores, importance, 4));
+    CHECK(importance[0] == 2.0f && importance[1] == 2.0f && importance[2] == 4.0f && importance[3] == 0.5f);
+    INVALID(headwise_head_scores_importance(scores, importance, 3), "len");
+
+    HeadwiseHeadScores *kv = NULL;
+    OK(headwise_head_scores_to_kv_heads(scores, 1, &kv));
+    float per_kv[2];
+    OK(headwise_head_scores_importance(kv, per_kv, 2));
+    CHECK(per_kv[0] == 2.0f && per_kv[1] == 2.25f);
+    INVALID(headwise_head_scores_to_kv_heads(scores, 3, &kv), "kv_heads");
+    CHECK(kv == NULL);
+
+    /* The HeadKV pipeline from a score file: importances in, one budget per head out. */
+    uint32_t caps[4];
+    OK(headwise_budget_headkv(importance, 4, 128, 8, 1.5f, 1.0f, HEADWISE_HEADKV_REPO, caps, 4));
+    CHECK(caps[2] > caps[0] && caps[0] > caps[3]);
+    OK(headwise_head_scores_free(scores));
+
+    scores = SENTINEL;
+    const char *bad[] = {"", "[]", "{}", "{\"0-0\":[]}", "{\"0-0\":[1],\"0-1\":[2],\"1-0\":[3]}", "{\"a-0\":[1]}"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        INVALID(headwise_head_scores_parse(bad[i], strlen(bad[i]), &scores), NULL);
+        CHECK(scores == NULL);
+    }
+    OK(headwise_head_scores_free(NULL));
+}
+
+static void test_option_defaults(void) {
+    HeadwiseSelectOptions select;
+    OK(headwise_select_options_default(&select));
+    CHECK(select.window == 32 && select.pool_kernel == 7 && select.pool == HEADWISE_POOL_MAX);
+    CHECK(select.gqa == HEADWISE_GQA_MEAN && select.granularity == HEADWISE_GRANULARITY_KV_HEAD);
+    CHECK(select.scale == 0.0f && select.chunk_tokens == 0);
+    HeadwiseRkvOptions rkv;
+    OK(headwise_rkv_options_default(256, &rkv));
+    CHECK(rkv.budget == 256 && rkv.buffer == 128 && rkv.alpha == 8 && rkv.kernel == 7);
+    CHECK(fabs(rkv.lambda - 0.07) < 1e-12 && rkv.fidelity_quirk == 0);
+    INVALID(headwise_select_options_default(NULL), "out");
+    INVALID(headwise_rkv_options_default(256, NULL), "out");
+}
+
+/* Checks every GPU entry point's argument handling. `gpu` is a live handle when a GPU is
+ * present, else NULL. */
+static void test_gpu_entry_points(HeadwiseGpu *gpu) {
+    HeadwiseLayout *layout = NULL;
+    OK(headwise_layout_create(1, 2, 22, 2, OFFSET, CAPACITY, LEN, NULL, MODE, SINK, WINDOW, &layout));
+    HeadwiseCache *cache = SENTINEL;
+    HeadwiseQueryRing *ring = SENTINEL;
+    HeadwiseRkvOptions rkv;
+    OK(headwise_rkv_options_default(64, &rkv));
+    HeadwisePrompt prompt = {NULL, NULL, NULL, 1, 2, 1, 64};
+    uint32_t budgets[2] = {40, 40};
+    char device_memory[16];
+
+    if (gpu != NULL) {
+        /* Checked before any device memory is touched. */
+        INVALID(headwise_cache_create(gpu, layout, 9, 128, device_memory, device_memory, &cache), "dtype");
+        INVALID(headwise_cache_create(gpu, layout, HEADWISE_DTYPE_BF16, 100, device_memory, device_memory, &cache),
+                "head_dim");
+        INVALID(headwise_cache_create(gpu, layout, HEADWISE_DTYPE_BF16, 128, NULL, device_memory, &cache), "k");
+        INVALID(headwise_query_ring_create(gpu, HEADWISE_DTYPE_F16, 4, 17, 128, &ring), "alpha");
+        OK(headwise_gpu_synchronize(gpu));
+    }
+    INVALID(headwise_cache_create(NULL, layout, HEADWISE_DTYPE_BF16, 128, device_memory, device_memory, &cache),
+            "gpu");
+    CHECK(cache == NULL);
+    INVALID(headwise_cache_create(gpu, NULL, HEADWISE_DTYPE_BF16, 128, device_memory, device_memory, &cache),
+            gpu ? "layout" : "gpu");
+    INVALID(headwise_query_ring_create(NULL, HEADWISE_DTYPE_BF16, 4, 8, 128, &ring), "gpu");
+    CHECK(ring == NULL);
+    INVALID(headwise_gpu_synchronize(NULL), "gpu");
+    HeadwiseLayout *snapshot = SENTINEL;
+    INVALID(headwise_cache_layout(NULL, &snapshot), "cache");
+    CHECK(snapshot == NULL);
+    INVALID(headwise_cache_append(NULL, device_memory, device_memory), "cache");
+    INVALID(headwise_cache_attention(NULL, device_memory, 4, device_memory, NULL, 0.0f, 0), "cache");
+    INVALID(headwise_cache_compress_into(NULL, &prompt, NULL, budgets, 2), "cache");
+    INVALID(headwise_cache_compress_into_adakv(NULL, &prompt, NULL, 40, 0.2f), "cache");
+    INVALID(headwise_cache_relayout_into(NULL, NULL, device_memory, device_memory), "cache");
+    INVALID(headwise_query_ring_push(NULL, device_memory), "ring");
+    INVALID(headwise_cache_evict(NULL, NULL, 4, &rkv, NULL, 0, NULL, 0), "cache");
+    OK(headwise_cache_free(NULL));
+    OK(headwise_query_ring_free(NULL));
+    OK(headwise_gpu_free(NULL));
+    OK(headwise_layout_free(layout));
+}
+
+static void test_gpu(void) {
+    int32_t built = -1;
+    OK(headwise_gpu_kernels_built(&built));
+    CHECK(built == 0 || built == 1);
+    INVALID(headwise_gpu_kernels_built(NULL), "out");
+
+    HeadwiseGpu *gpu = SENTINEL;
+    INVALID(headwise_gpu_create(-1, NULL, &gpu), "device");
+    CHECK(gpu == NULL);
+    INVALID(headwise_gpu_create(0, NULL, NULL), "out");
+
+    gpu = SENTINEL;
+    int code = headwise_gpu_create(0, NULL, &gpu);
+    if (code == HEADWISE_OK) {
+        printf("capi_test: a GPU is present; its kernels are checked by the gpu-tests suites\n");
+        CHECK(gpu != NULL && gpu != SENTINEL);
+        test_gpu_entry_points(gpu);
+        OK(headwise_gpu_free(gpu));
+        return;
+    }
+    /* No GPU here: the library says so (or that it has no kernels at all) and hands out nothing. */
+    EXPECT(code, built ? HEADWISE_ERROR_NO_GPU : HEADWISE_ERROR_NO_KERNELS, NULL);
+    CHECK(gpu == NULL);
+    printf("capi_test: no GPU: headwise_gpu_create -> %s (\"%s\")\n", headwise_status_name(code), message);
+    /* A device that cannot exist fails the same way. */
+    EXPECT(headwise_gpu_create(1000000, NULL, &gpu), built ? HEADWISE_ERROR_NO_GPU : HEADWISE_ERROR_NO_KERNELS,
+           NULL);
+    test_gpu_entry_points(NULL);
+}
+
+int main(void) {
+    test_status_codes_and_messages();
+    test_layout_queries();
+    test_full_segments_and_regrow();
+    test_invalid_layouts();
+    test_pack();
+    test_budget_policies();
+    test_head_gates();
+    test_head_scores();
+    test_option_defaults();
+    test_gpu();
+    printf("capi_test: %d passed, %d failed\n", checks - failures, failures);
+    return failures == 0 ? 0 : 1;
+}

@@ -1,0 +1,44 @@
+//! include/headwise.h is cbindgen's C header for src/capi.rs (feature `capi`), committed so
+//! engines need neither Rust tooling nor cbindgen to include it. This test regenerates it with
+//! the pinned cbindgen (a dev-dependency, so it runs offline) and fails on any difference;
+//! `HEADWISE_BLESS=1` rewrites the file instead. It parses the source only, so it runs with or
+//! without the feature. A test binary copied away from the source tree (scripts/gpu_pass.sh)
+//! says NOT RUN, except under `CI=true`, where it must run.
+
+use std::path::Path;
+
+fn generate(root: &Path) -> String {
+    let config = cbindgen::Config::from_file(root.join("cbindgen.toml")).expect("cbindgen.toml");
+    let bindings = cbindgen::Builder::new()
+        .with_config(config)
+        // One file holds the whole ABI; parsing it alone keeps the header independent of the
+        // rest of the crate and of `cargo metadata`.
+        .with_src(root.join("src").join("capi.rs"))
+        .generate()
+        .expect("cbindgen");
+    let mut out = Vec::new();
+    bindings.write(&mut out);
+    String::from_utf8(out).expect("cbindgen writes UTF-8")
+}
+
+#[test]
+fn headwise_h_matches_cbindgen() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    if !root.join("src").join("capi.rs").exists() {
+        let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+        assert!(!ci, "CI=true but src/capi.rs is missing from {}", root.display());
+        eprintln!("cbindgen_fresh: NOT RUN: no source tree at {}", root.display());
+        return;
+    }
+    let fresh = generate(root);
+    let path = root.join("include").join("headwise.h");
+    if std::env::var("HEADWISE_BLESS").is_ok_and(|v| v == "1") {
+        std::fs::write(&path, &fresh).unwrap();
+        return;
+    }
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        committed == fresh,
+        "include/headwise.h is stale: run `HEADWISE_BLESS=1 cargo test --test cbindgen_fresh` and commit it"
+    );
+}
