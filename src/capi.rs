@@ -255,6 +255,19 @@ unsafe fn optional_input<'a, T>(ptr: *const T, len: usize, field: &str) -> Resul
     }
 }
 
+/// A nullable output array: `None` for NULL (the twin of [`optional_input`]).
+///
+/// # Safety
+/// As [`output`] when `ptr` is not NULL.
+unsafe fn optional_output<'a, T>(ptr: *mut T, len: usize, field: &str) -> Result<Option<&'a mut [T]>> {
+    if ptr.is_null() {
+        Ok(None)
+    } else {
+        // SAFETY: forwarded.
+        unsafe { output(ptr, len, field) }.map(Some)
+    }
+}
+
 /// `len` writable elements at `ptr`; NULL is accepted only for `len == 0`.
 ///
 /// # Safety
@@ -292,6 +305,18 @@ unsafe fn out_value<'a, T>(ptr: *mut T, field: &str) -> Result<&'a mut T> {
     check_ptr(ptr, 1, field)?;
     // SAFETY: non-NULL and aligned (checked), writable per the caller.
     Ok(unsafe { &mut *ptr })
+}
+
+/// Writes `value` through a nullable out-pointer (NULL: the caller does not want it).
+///
+/// # Safety
+/// As [`out_value`] when `ptr` is not NULL.
+unsafe fn write_optional<T>(ptr: *mut T, field: &str, value: T) -> Result<()> {
+    if !ptr.is_null() {
+        // SAFETY: forwarded.
+        *unsafe { out_value(ptr, field) }? = value;
+    }
+    Ok(())
 }
 
 /// An out-parameter for a new handle, set to NULL right away so a failure leaves NULL there.
@@ -674,9 +699,8 @@ pub unsafe extern "C" fn headwise_layout_segments(
             ));
         }
         let n = segs.len();
-        let opt = |p: *mut u32, f: &str| -> Result<Option<&mut [u32]>> {
-            if p.is_null() { Ok(None) } else { unsafe { output(p, n, f) }.map(Some) }
-        };
+        // SAFETY: each array is NULL or `num_segments` writable elements, per the caller.
+        let opt = |p: *mut u32, f: &str| unsafe { optional_output(p, n, f) };
         let (mut o, mut c, mut l, mut r) = (
             opt(offset, "offset")?,
             opt(capacity, "capacity")?,
@@ -684,7 +708,8 @@ pub unsafe extern "C" fn headwise_layout_segments(
             opt(ring_head, "ring_head")?,
         );
         let (mut sk, mut w) = (opt(sink, "sink")?, opt(window, "window")?);
-        let mut m = if mode.is_null() { None } else { Some(unsafe { output(mode, n, "mode") }?) };
+        // SAFETY: as above.
+        let mut m = unsafe { optional_output(mode, n, "mode") }?;
         for (i, s) in segs.iter().enumerate() {
             let (mode_code, sink_i, window_i) = match s.mode {
                 SegmentMode::Full => (HEADWISE_MODE_FULL, 0, 0),
@@ -915,13 +940,8 @@ pub unsafe extern "C" fn headwise_head_gates_shape(
     boundary(|| {
         // SAFETY: the caller's promise on every pointer.
         let g = unsafe { handle(gates, "gates") }?;
-        if !layers.is_null() {
-            *unsafe { out_value(layers, "layers") }? = g.gates.layers();
-        }
-        if !kv_heads.is_null() {
-            *unsafe { out_value(kv_heads, "kv_heads") }? = g.gates.kv_heads();
-        }
-        Ok(())
+        unsafe { write_optional(layers, "layers", g.gates.layers()) }?;
+        unsafe { write_optional(kv_heads, "kv_heads", g.gates.kv_heads()) }
     })
 }
 
@@ -1059,13 +1079,8 @@ pub unsafe extern "C" fn headwise_head_scores_shape(
     boundary(|| {
         // SAFETY: the caller's promise on every pointer.
         let s = &unsafe { handle(scores, "scores") }?.scores;
-        if !layers.is_null() {
-            *unsafe { out_value(layers, "layers") }? = s.layers();
-        }
-        if !heads.is_null() {
-            *unsafe { out_value(heads, "heads") }? = s.heads();
-        }
-        Ok(())
+        unsafe { write_optional(layers, "layers", s.layers()) }?;
+        unsafe { write_optional(heads, "heads", s.heads()) }
     })
 }
 

@@ -113,6 +113,37 @@ pub enum RkvTrigger<'a> {
     Forced(&'a [bool]),
 }
 
+impl RkvTrigger<'_> {
+    /// Which of `segments` this trigger selects (`Threshold`: the `Full` ones at `budget +
+    /// buffer` tokens or more). Errors: a forced mask of the wrong length or naming a
+    /// `Streaming` segment. Shared by [`evict`] and the reference step so both pick alike.
+    pub fn select(&self, segments: &[Segment], opts: &RkvOptions) -> Result<Vec<bool>> {
+        match *self {
+            RkvTrigger::Threshold => Ok(segments
+                .iter()
+                .map(|s| s.mode == SegmentMode::Full && opts.triggers(s.len as usize))
+                .collect()),
+            RkvTrigger::Forced(mask) => {
+                if mask.len() != segments.len() {
+                    return Err(Error::invalid(
+                        "trigger",
+                        format!("{} entries, expected one per segment ({})", mask.len(), segments.len()),
+                    ));
+                }
+                if let Some(i) =
+                    (0..segments.len()).find(|&i| mask[i] && segments[i].mode != SegmentMode::Full)
+                {
+                    return Err(Error::invalid(
+                        format!("trigger[{i}]"),
+                        "Streaming segments are never compacted",
+                    ));
+                }
+                Ok(mask.to_vec())
+            }
+        }
+    }
+}
+
 /// A layer's rolling buffer of the last `alpha` queries of every query head, on the device.
 ///
 /// Layout `[heads][alpha][head_dim]` (KV dtype), query head `h = segment * G + g` (the order of
@@ -219,6 +250,7 @@ pub struct RkvWorkspace<S: Store> {
     col_mean: Option<S::Buf<f32>>,
     keys: Option<S::Buf<u32>>,
     kept: Option<S::Buf<i32>>,
+    targets: Option<S::Buf<i32>>,
     last: Option<LastStep>,
 }
 
@@ -231,6 +263,7 @@ impl<S: Store> Default for RkvWorkspace<S> {
             col_mean: None,
             keys: None,
             kept: None,
+            targets: None,
             last: None,
         }
     }
@@ -337,26 +370,7 @@ pub fn evict<S: Store, T: KvElem>(
             format!("head_dim {} differs from the cache's {}", ring.head_dim, cache.head_dim()),
         ));
     }
-    let selected: Vec<bool> = match trigger {
-        RkvTrigger::Threshold => {
-            segs.iter().map(|s| s.mode == SegmentMode::Full && opts.triggers(s.len as usize)).collect()
-        }
-        RkvTrigger::Forced(mask) => {
-            if mask.len() != segs.len() {
-                return Err(Error::invalid(
-                    "trigger",
-                    format!("{} entries, expected one per segment ({})", mask.len(), segs.len()),
-                ));
-            }
-            if let Some(i) = (0..segs.len()).find(|&i| mask[i] && segs[i].mode != SegmentMode::Full) {
-                return Err(Error::invalid(
-                    format!("trigger[{i}]"),
-                    "Streaming segments are never compacted",
-                ));
-            }
-            mask.to_vec()
-        }
-    };
+    let selected = trigger.select(&segs, opts)?;
     let targets: Vec<(usize, usize)> = (0..segs.len())
         .filter(|&i| selected[i] && segs[i].len as usize > opts.budget)
         .map(|i| (i, segs[i].len as usize))
@@ -394,8 +408,15 @@ pub fn evict<S: Store, T: KvElem>(
     ensure(&store, &mut ws.col_partial, partial)?;
     ensure(&store, &mut ws.kept, nt * opts.budget)?;
     ws.last = None;
-    let target_ids: Vec<i32> = targets.iter().map(|&(s, _)| s as i32).collect();
-    let target_buf = store.upload(&target_ids)?;
+    // The target list goes into a workspace buffer sized for every segment, so a decode loop
+    // allocates it once instead of at every eviction.
+    ensure(&store, &mut ws.targets, segs.len())?;
+    let target_buf = ws.targets.as_mut().expect("ensured");
+    let mut target_ids = vec![0i32; S::len(target_buf)];
+    for (slot, &(s, _)) in target_ids.iter_mut().zip(&targets) {
+        *slot = s as i32;
+    }
+    store.overwrite(target_buf, &target_ids)?;
 
     // Debug mode: the rows before the in-place compaction, to check it afterwards.
     let before = if crate::invariants::enabled() {
@@ -417,7 +438,7 @@ pub fn evict<S: Store, T: KvElem>(
             k_cache: store.addr_mut("k_cache", k_cache, &mut pins)? as *mut _,
             v_cache: store.addr_mut("v_cache", v_cache, &mut pins)? as *mut _,
             seg: DeviceTable::params(store.addr_mut("device_table", table, &mut pins)?, n),
-            targets: store.addr("targets", &target_buf, &mut pins)? as *const i32,
+            targets: store.addr("targets", ws.targets.as_ref().expect("ensured"), &mut pins)? as *const i32,
             num_targets: nt as i32,
             ring: store.addr("ring", &ring.buf, &mut pins)? as *const _,
             ring_count: ring.count as i32,

@@ -5,6 +5,8 @@
 //! without the feature. A test binary copied away from the source tree (scripts/gpu_pass.sh)
 //! says NOT RUN, except under `CI=true`, where it must run.
 
+mod common;
+
 use std::path::Path;
 
 fn generate(root: &Path) -> String {
@@ -31,14 +33,5 @@ fn headwise_h_matches_cbindgen() {
         return;
     }
     let fresh = generate(root);
-    let path = root.join("include").join("headwise.h");
-    if std::env::var("HEADWISE_BLESS").is_ok_and(|v| v == "1") {
-        std::fs::write(&path, &fresh).unwrap();
-        return;
-    }
-    let committed = std::fs::read_to_string(&path).unwrap_or_default();
-    assert!(
-        committed == fresh,
-        "include/headwise.h is stale: run `HEADWISE_BLESS=1 cargo test --test cbindgen_fresh` and commit it"
-    );
+    common::assert_fresh("include/headwise.h", &fresh, "cbindgen_fresh");
 }

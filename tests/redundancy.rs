@@ -74,7 +74,7 @@ proptest! {
 
 fn every_head_dim<T: KvElem>() {
     for d in [64, 128, 256] {
-        for (group, alpha, pushes) in [(1, 8, 20), (4, 8, 3), (8, 16, 16)] {
+        for (group, alpha, pushes) in [(1, 8, 20), (4, 8, 3), (8, 16, 16), (16, 16, 5)] {
             let case = RkvCase {
                 batch: 1,
                 kv_heads: 2,

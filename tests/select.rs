@@ -83,6 +83,8 @@ fn every_group_size_in_every_bucket() {
         let mut c = base_case(128, group, 140, 8);
         c.budgets = uniform(&c, 40);
         select_scenario::<_, f16>(&EmuStore, &c);
+        c.head_dim = 64;
+        select_scenario::<_, bf16>(&EmuStore, &c);
     }
 }
 
@@ -260,6 +262,22 @@ fn bufs(segments: usize, q: usize, d: usize, query_rows: usize) -> Bufs {
     Bufs { k: data(1, segments * q * d), v: data(2, segments * q * d), queries: data(3, query_rows * d) }
 }
 
+impl Bufs {
+    /// One sequence of two KV heads over these buffers.
+    fn prompt(&self, group_size: usize, q_len: usize, head_dim: usize) -> Prompt<'_, EmuStore, f16> {
+        Prompt {
+            k: &self.k,
+            v: &self.v,
+            queries: &self.queries,
+            batch: 1,
+            kv_heads: 2,
+            group_size,
+            q_len,
+            head_dim,
+        }
+    }
+}
+
 /// Every invalid argument of `compress` is `Error::Invalid` naming the field, returned before
 /// any launch: the workspace still reports the selection of the good call made first (a call
 /// that reached the kernels would have replaced or cleared it).
@@ -267,16 +285,7 @@ fn bufs(segments: usize, q: usize, d: usize, query_rows: usize) -> Bufs {
 fn bad_inputs_are_named_errors_before_any_launch() {
     let (q, d, g, w) = (20usize, 64usize, 2usize, 4usize);
     let b = bufs(2, q, d, 2 * g * w);
-    let p = Prompt {
-        k: &b.k,
-        v: &b.v,
-        queries: &b.queries,
-        batch: 1,
-        kv_heads: 2,
-        group_size: g,
-        q_len: q,
-        head_dim: d,
-    };
+    let p = b.prompt(g, q, d);
     let o = SelectOptions { window: w, pool_kernel: 3, ..SelectOptions::default() };
     let good = [9u32, 12];
     let mut ws = SelectWorkspace::new();
@@ -345,16 +354,7 @@ fn bad_inputs_are_named_errors_before_any_launch() {
 fn compress_into_refuses_a_mismatched_destination() {
     let (q, d, g, w) = (30usize, 64usize, 2usize, 4usize);
     let b = bufs(2, q, d, 2 * g * w);
-    let p = Prompt {
-        k: &b.k,
-        v: &b.v,
-        queries: &b.queries,
-        batch: 1,
-        kv_heads: 2,
-        group_size: g,
-        q_len: q,
-        head_dim: d,
-    };
+    let p = b.prompt(g, q, d);
     let o = SelectOptions { window: w, ..SelectOptions::default() };
     let budgets = [10u32; 4];
     let mut ws = SelectWorkspace::new();

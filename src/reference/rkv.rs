@@ -57,7 +57,7 @@
 
 use crate::KvElem;
 use crate::error::{Error, Result};
-use crate::layout::{LayerLayout, SegmentMode};
+use crate::layout::LayerLayout;
 pub use crate::redundancy::{RkvOptions, RkvTrigger};
 
 /// Cosine similarity a key pair must strictly exceed to count as redundant (`cal_similarity`'s
@@ -403,26 +403,7 @@ pub fn rkv_step<T: KvElem>(
     if ring.alpha() != opts.alpha {
         return Err(Error::invalid("ring", format!("alpha {} != opts.alpha {}", ring.alpha(), opts.alpha)));
     }
-    let triggered: Vec<bool> = match trigger {
-        RkvTrigger::Threshold => {
-            segs.iter().map(|s| s.mode == SegmentMode::Full && opts.triggers(s.len as usize)).collect()
-        }
-        RkvTrigger::Forced(mask) => {
-            if mask.len() != segs.len() {
-                return Err(Error::invalid(
-                    "trigger",
-                    format!("{} entries, expected one per segment ({})", mask.len(), segs.len()),
-                ));
-            }
-            if let Some(i) = (0..segs.len()).find(|&i| mask[i] && segs[i].mode != SegmentMode::Full) {
-                return Err(Error::invalid(
-                    format!("trigger[{i}]"),
-                    "Streaming segments are never compacted",
-                ));
-            }
-            mask.to_vec()
-        }
-    };
+    let triggered = trigger.select(&segs, opts)?;
     let needs_scoring = |i: usize| triggered[i] && segs[i].len as usize > opts.budget;
     if ring.count() == 0
         && let Some(i) = (0..segs.len()).find(|&i| needs_scoring(i))

@@ -651,3 +651,19 @@ pub fn rkv_scenario<S: Store, T: KvElem>(store: &S, case: &RkvCase) -> RkvOutcom
     assert_eq!(store.download(cache.device_table()).unwrap(), cache.layout().device_table(), "device table");
     RkvOutcome { kept: out }
 }
+
+/// Compares generated text with the committed file `rel` (relative to the crate root), or, under
+/// `HEADWISE_BLESS=1`, rewrites the file: the freshness tests of the generated files
+/// (src/params.rs by bindgen, include/headwise.h by cbindgen).
+pub fn assert_fresh(rel: &str, fresh: &str, test: &str) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(rel);
+    if std::env::var("HEADWISE_BLESS").is_ok_and(|v| v == "1") {
+        std::fs::write(&path, fresh).unwrap();
+        return;
+    }
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        committed == fresh,
+        "{rel} is stale: run `HEADWISE_BLESS=1 cargo test --test {test}` and commit it"
+    );
+}
