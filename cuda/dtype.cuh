@@ -20,9 +20,10 @@ struct Kv<__nv_bfloat16> {
     __device__ __forceinline__ static __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
 };
 
-// 8 elements of one uint4 to f32.
+// 8 elements of one uint4 to f32. By value: a reference into global memory lets nvcc split the
+// 16-byte load into eight LDG.E.U16 (tests/ptxas_budget.rs checks for LDG.E.128).
 template <typename T>
-__device__ __forceinline__ void unpack8(const uint4& v, float (&out)[8]) {
+__device__ __forceinline__ void unpack8(const uint4 v, float (&out)[8]) {
     const T* e = reinterpret_cast<const T*>(&v);
 #pragma unroll
     for (int i = 0; i < 8; ++i) out[i] = Kv<T>::to_float(e[i]);
