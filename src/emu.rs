@@ -25,6 +25,8 @@ const ALIGN: usize = 256;
 pub struct EmuBuf<T: Elem> {
     ptr: NonNull<T>,
     len: usize,
+    /// Bytes between the allocation's start and `ptr` (see [`EmuBuf::zeros`]).
+    pad: usize,
 }
 
 // SAFETY: EmuBuf owns its allocation exclusively, like Vec<T>; T is plain data.
@@ -33,21 +35,33 @@ unsafe impl<T: Elem> Send for EmuBuf<T> {}
 unsafe impl<T: Elem> Sync for EmuBuf<T> {}
 
 impl<T: Elem> EmuBuf<T> {
+    /// The allocation behind `len` elements: `ALIGN` bytes more than they need, at the system
+    /// allocator's natural alignment. Asking the allocator for 256-byte alignment instead would
+    /// make `alloc_zeroed` memset the whole buffer (aligned allocation has no calloc); at
+    /// natural alignment it is calloc, which for large buffers maps fresh zero pages lazily, as
+    /// a GPU allocation costs nothing until used. tests/index_width.rs relies on this to place
+    /// segments at the far end of a 17 GB cache while touching only the rows it uses.
     fn layout(len: usize) -> Result<Layout> {
         let bytes = len
             .checked_mul(size_of::<T>())
+            .and_then(|b| b.checked_add(ALIGN))
             .ok_or_else(|| Error::invalid("len", format!("{len} elements overflow usize bytes")))?;
-        Layout::from_size_align(bytes.max(1), ALIGN).map_err(|e| Error::invalid("len", e.to_string()))
+        Layout::from_size_align(bytes, 16).map_err(|e| Error::invalid("len", e.to_string()))
     }
 
-    /// `len` zeros.
+    /// `len` zeros, 256-byte aligned.
     pub fn zeros(len: usize) -> Result<EmuBuf<T>> {
         let layout = Self::layout(len)?;
-        // SAFETY: layout has nonzero size; all-zero bytes are a valid T (ValidAsZeroBits).
-        let raw = unsafe { alloc_zeroed(layout) } as *mut T;
-        let ptr = NonNull::new(raw)
-            .ok_or_else(|| Error::invalid("len", format!("cannot allocate {len} elements")))?;
-        Ok(EmuBuf { ptr, len })
+        // SAFETY: layout has nonzero size (at least ALIGN bytes).
+        let raw = unsafe { alloc_zeroed(layout) };
+        if raw.is_null() {
+            return Err(Error::invalid("len", format!("cannot allocate {len} elements")));
+        }
+        let pad = raw.align_offset(ALIGN);
+        // SAFETY: pad < ALIGN, and the allocation has ALIGN spare bytes, so ptr and its len
+        // elements lie inside it; all-zero bytes are a valid T (ValidAsZeroBits).
+        let ptr = NonNull::new(unsafe { raw.add(pad) } as *mut T).expect("inside a non-null allocation");
+        Ok(EmuBuf { ptr, len, pad })
     }
 
     /// A copy of `data`.
@@ -72,8 +86,8 @@ impl<T: Elem> EmuBuf<T> {
 
 impl<T: Elem> Drop for EmuBuf<T> {
     fn drop(&mut self) {
-        // SAFETY: allocated in zeros() with the same layout (which succeeded then).
-        unsafe { dealloc(self.ptr.as_ptr() as *mut u8, Self::layout(self.len).unwrap()) }
+        // SAFETY: allocated in zeros() at ptr - pad with the same layout (which succeeded then).
+        unsafe { dealloc((self.ptr.as_ptr() as *mut u8).sub(self.pad), Self::layout(self.len).unwrap()) }
     }
 }
 
