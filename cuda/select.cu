@@ -289,6 +289,8 @@ __device__ void select_gather_body(const HwSelectParams& p) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const SegmentView seg = SegmentView::load(p.seg, s);
     const int32_t* kept = p.kept + int64_t(s) * p.q_len;
+    // Not unrolled: ptxas's unrolled copy of this loop kept a 16-byte stack frame at head_dim 64.
+#pragma unroll 1
     for (int64_t r = int64_t(blockIdx.y) * kSelWarps + warp; r < seg.len; r += int64_t(gridDim.y) * kSelWarps) {
         const int64_t from = int64_t(src) * p.q_len + kept[r];
         const int64_t to = seg.row(int32_t(r));

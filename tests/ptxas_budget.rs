@@ -41,7 +41,6 @@ const KNOWN_SPILLS: &[(&str, &str)] = &[
     ("hw_attention_bf16_d256_g16", "G*8 f32 accumulators per thread exceed 255 registers"),
     ("hw_attention_f16_d256_g8", "8 bytes at the 168-register point"),
     ("hw_attention_bf16_d256_g8", "8 bytes at the 168-register point"),
-    ("hw_select_gather_d64", "ptxas spills 16 bytes in the unrolled row copy"),
 ];
 
 fn env_flag(name: &str) -> bool {
