@@ -6,7 +6,9 @@
 // Inside a block a row is split over D/8 threads (16-byte loads); a warp covers 32/(D/8) rows per
 // step and the four warps take consecutive rows. Every thread keeps a base-2 online-softmax state
 // per query head for its 8-element slice; states merge across the rows of a warp with shuffles,
-// then across warps through shared memory. A segment that fits one chunk writes its output here;
+// then across warps through shared memory. Groups above 4 heads stage rows in shared memory and
+// split the heads over the warps instead (attention_tiled_body), so per-thread state stays small.
+// A segment that fits one chunk writes its output here;
 // a longer one writes a normalized partial output and LSE per chunk, and the merge kernel
 // combines them (flash-decoding). Rows are addressed only through SegmentView, so Streaming
 // rings are read in place; attention does not care about their order.
@@ -50,8 +52,48 @@ __device__ __forceinline__ int num_splits(int32_t len, int32_t chunk) {
 // NaN in a head's inputs shows in that head's output.
 __device__ __forceinline__ float safe_inv(float d) { return d == 0.0f ? 0.0f : 1.0f / d; }
 
+// Adds one row (base-2 logit x, value slice v) to a head's state (m, d, acc).
+__device__ __forceinline__ void add_row(float& m, float& d, float (&acc)[8], float x, const float (&v)[8]) {
+    const float mn = fmaxf(m, x);
+    if (isnan(x)) {
+        // fmaxf drops NaN; poison the sums instead so the head's output and LSE show it.
+        d = x;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[j] = x;
+    } else if (mn != -INFINITY) {  // a -inf logit on an empty state adds nothing
+        const float c = exp2f(m - mn);
+        const float e = exp2f(x - mn);
+        d = d * c + e;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[j] = acc[j] * c + e * v[j];
+        m = mn;
+    }
+}
+
+// Writes query head qh's slice `col` of a finished state (M, Dn, A): the output (and LSE) when
+// the segment is one chunk, else this chunk's normalized partial output and LSE.
+template <typename T, int D>
+__device__ __forceinline__ void write_head(const HwAttentionParams& p, int64_t qh, int split, int n_splits,
+                                           int col, float M, float Dn, const float (&A)[8]) {
+    const float inv = safe_inv(Dn);
+    float o[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) o[j] = A[j] * inv;
+    // Dn is 0 only for an empty state; NaN (a NaN logit) must reach the LSE.
+    const float lse2 = Dn == 0.0f ? -INFINITY : M + log2f(Dn);
+    if (n_splits == 1) {
+        row_vec(p.out, qh, D)[col] = pack8<T>(o);
+        if (p.lse != nullptr && col == 0) p.lse[qh] = lse2 * kLn2;
+    } else {
+        float* po = p.partial_out + (qh * p.max_splits + split) * D + col * 8;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) po[j] = o[j];
+        if (col == 0) p.partial_lse[qh * p.max_splits + split] = lse2;
+    }
+}
+
 template <typename T, int D, int GMAX>
-__device__ void attention_body(const HwAttentionParams& p) {
+__device__ void attention_rows_body(const HwAttentionParams& p) {
     constexpr int TPR = D / kElemsPerVec;  // threads per row
     constexpr int RPW = 32 / TPR;          // rows per warp per step
     constexpr int ROWS_PER_STEP = RPW * kAttnWarps;
@@ -115,23 +157,7 @@ __device__ void attention_body(const HwAttentionParams& p) {
             // Sum the row's TPR slices; all 32 lanes take part (TPR-lane groups are aligned).
 #pragma unroll
             for (int off = TPR / 2; off > 0; off /= 2) part += __shfl_xor_sync(0xffffffffu, part, off);
-            if (valid) {
-                const float x = part * p.scale_log2;
-                const float mn = fmaxf(m[g], x);
-                if (isnan(x)) {
-                    // fmaxf drops NaN; poison the sums instead so the head's output and LSE show it.
-                    d[g] = x;
-#pragma unroll
-                    for (int j = 0; j < 8; ++j) acc[g][j] = x;
-                } else if (mn != -INFINITY) {  // a -inf logit on an empty state adds nothing
-                    const float c = exp2f(m[g] - mn);
-                    const float e = exp2f(x - mn);
-                    d[g] = d[g] * c + e;
-#pragma unroll
-                    for (int j = 0; j < 8; ++j) acc[g][j] = acc[g][j] * c + e * v[j];
-                    m[g] = mn;
-                }
-            }
+            if (valid) add_row(m[g], d[g], acc[g], part * p.scale_log2, v);
         }
     }
 
@@ -181,24 +207,121 @@ __device__ void attention_body(const HwAttentionParams& p) {
                 for (int j = 0; j < 8; ++j) A2[j] = warp_acc[w * D + col * 8 + j];
                 merge_state(M, Dn, A, warp_m[w], warp_d[w], A2);
             }
-            const float inv = safe_inv(Dn);
-            float o[8];
-#pragma unroll
-            for (int j = 0; j < 8; ++j) o[j] = A[j] * inv;
-            const int64_t qh = int64_t(s) * G + g;
-            // Dn is 0 only for an empty state; NaN (a NaN logit) must reach the LSE.
-            const float lse2 = Dn == 0.0f ? -INFINITY : M + log2f(Dn);
-            if (n_splits == 1) {
-                row_vec(p.out, qh, D)[col] = pack8<T>(o);
-                if (p.lse != nullptr && col == 0) p.lse[qh] = lse2 * kLn2;
-            } else {
-                float* po = p.partial_out + (qh * p.max_splits + split) * D + col * 8;
-#pragma unroll
-                for (int j = 0; j < 8; ++j) po[j] = o[j];
-                if (col == 0) p.partial_lse[qh * p.max_splits + split] = lse2;
-            }
+            write_head<T, D>(p, int64_t(s) * G + g, split, n_splits, col, M, Dn, A);
         }
         __syncthreads();  // warp_* are reused for the next head
+    }
+}
+
+// Large groups (G > 4): the block stages a tile of K/V rows in shared memory, one 16-byte
+// load per thread and row slice, and each warp then runs its own query heads (warp w takes
+// heads w, w + 4, ...) over every row of the tile. A row is still read from global memory once
+// for the whole group, and a thread keeps state for G/4 heads instead of G: at G = 16 the rows
+// body needs 16 x 10 floats per thread (255 registers and spills at head_dim 256), this one 4 x
+// 10. Warps own disjoint heads, so only the RPW row groups inside a warp merge; no cross-warp
+// merge.
+template <typename T, int D, int GMAX>
+__device__ void attention_tiled_body(const HwAttentionParams& p) {
+    constexpr int TPR = D / kElemsPerVec;
+    constexpr int RPW = 32 / TPR;
+    constexpr int TILE = kAttnThreads / TPR;          // rows staged per step
+    constexpr int HPW = GMAX / kAttnWarps;            // heads per warp (most)
+    static_assert(GMAX % kAttnWarps == 0, "tiled attention splits the group over the warps");
+    __shared__ float q_s[GMAX * D];
+    __shared__ uint4 k_s[kAttnThreads];
+    __shared__ uint4 v_s[kAttnThreads];
+
+    const int32_t s = blockIdx.x;
+    const int split = blockIdx.y;
+    const int G = p.group_size;
+    const SegmentView seg = SegmentView::load(p.seg, s);
+    const int n_splits = num_splits(seg.len, p.chunk_tokens);
+    if (split >= n_splits) return;  // the whole block leaves together, before any barrier
+    const int32_t begin = split * p.chunk_tokens;
+    const int32_t end = int32_t(min(int64_t(seg.len), int64_t(begin) + p.chunk_tokens));
+
+    const int tid = threadIdx.x;
+    const int warp = tid / 32;
+    const int lane = tid % 32;
+    const int sub = lane / TPR;
+    const int col = lane % TPR;
+
+    const uint4* qv = row_vec(p.q, int64_t(s) * G, D);
+    for (int i = tid; i < G * TPR; i += kAttnThreads) {
+        float f[8];
+        unpack8<T>(qv[i], f);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) q_s[i * 8 + j] = f[j];
+    }
+
+    float m[HPW], d[HPW], acc[HPW][8];
+#pragma unroll
+    for (int h = 0; h < HPW; ++h) {
+        m[h] = -INFINITY;
+        d[h] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[h][j] = 0.0f;
+    }
+
+    for (int64_t base = begin; base < end; base += TILE) {
+        __syncthreads();  // the previous tile is consumed (and q_s written, the first time)
+        const int64_t t = base + tid / TPR;
+        if (t < end) {
+            const int64_t row = seg.row(int32_t(t));
+            k_s[tid] = row_vec(p.k_cache, row, D)[tid % TPR];
+            v_s[tid] = row_vec(p.v_cache, row, D)[tid % TPR];
+        }
+        __syncthreads();
+#pragma unroll
+        for (int r0 = 0; r0 < TILE; r0 += RPW) {
+            const int r = r0 + sub;
+            const bool valid = base + r < end;
+            float k[8], v[8];
+            if (valid) {
+                unpack8<T>(k_s[r * TPR + col], k);
+                unpack8<T>(v_s[r * TPR + col], v);
+            }
+#pragma unroll
+            for (int h = 0; h < HPW; ++h) {
+                const int g = warp + h * kAttnWarps;
+                if (g >= G) break;  // uniform over the warp
+                float part = 0.0f;
+                if (valid) {
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) part += q_s[g * D + col * 8 + j] * k[j];
+                }
+#pragma unroll
+                for (int off = TPR / 2; off > 0; off /= 2) part += __shfl_xor_sync(0xffffffffu, part, off);
+                if (valid) add_row(m[h], d[h], acc[h], part * p.scale_log2, v);
+            }
+        }
+    }
+
+    // Merge the RPW row groups of the warp, then the first group writes each of its heads.
+#pragma unroll
+    for (int h = 0; h < HPW; ++h) {
+        const int g = warp + h * kAttnWarps;
+        if (g >= G) break;
+#pragma unroll
+        for (int off = TPR; off < 32; off *= 2) {
+            const float m2 = __shfl_xor_sync(0xffffffffu, m[h], off);
+            const float d2 = __shfl_xor_sync(0xffffffffu, d[h], off);
+            float a2[8];
+#pragma unroll
+            for (int j = 0; j < 8; ++j) a2[j] = __shfl_xor_sync(0xffffffffu, acc[h][j], off);
+            merge_state(m[h], d[h], acc[h], m2, d2, a2);
+        }
+        if (sub == 0) write_head<T, D>(p, int64_t(s) * G + g, split, n_splits, col, m[h], d[h], acc[h]);
+    }
+}
+
+// Group buckets above 4 take the tiled body (see there); smaller ones spread rows over warps.
+template <typename T, int D, int GMAX>
+__device__ void attention_body(const HwAttentionParams& p) {
+    if constexpr (GMAX > kAttnWarps) {
+        attention_tiled_body<T, D, GMAX>(p);
+    } else {
+        attention_rows_body<T, D, GMAX>(p);
     }
 }
 

@@ -36,12 +36,7 @@ const END: &str = "<!-- ptxas-budget:end -->";
 
 /// Known spills (findings, not goals): kernel -> why its stack/spill budget is not 0. Every
 /// other kernel must have none. Shrinking one of these is an improvement: bless the table.
-const KNOWN_SPILLS: &[(&str, &str)] = &[
-    ("hw_attention_f16_d256_g16", "G*8 f32 accumulators per thread exceed 255 registers"),
-    ("hw_attention_bf16_d256_g16", "G*8 f32 accumulators per thread exceed 255 registers"),
-    ("hw_attention_f16_d256_g8", "8 bytes at the 168-register point"),
-    ("hw_attention_bf16_d256_g8", "8 bytes at the 168-register point"),
-];
+const KNOWN_SPILLS: &[(&str, &str)] = &[];
 
 fn env_flag(name: &str) -> bool {
     env::var(name).is_ok_and(|v| !v.is_empty() && v != "0")
