@@ -1,0 +1,158 @@
+"""The peers' formulations (formulations.py, numpy backend) against the crate's CPU reference.
+
+Fixture: `cargo run --example peer_fixtures -- target/peer_fixtures.json` (the path can be set
+with HEADWISE_PEER_FIXTURES; when that variable is set the fixture must exist).
+Run: `python3 -m unittest benches/peers/test_peers.py` from the repository root.
+
+Selections must match the reference's kept positions exactly (ties: lower position, SPEC.md
+section 7); a disagreement is excused only when both tokens' reference scores lie within
+TIE_TOL of the k-th score. Floats: relative tolerance FLOAT_TOL (both sides are f64 over the
+same f16-exact inputs, only the summation order differs).
+"""
+
+import json
+import os
+import sys
+import unittest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+ROOT = os.path.dirname(os.path.dirname(HERE))
+
+import numpy as np  # noqa: E402
+
+import formulations as F  # noqa: E402
+
+FLOAT_TOL = 1e-9
+TIE_TOL = 1e-12
+
+
+def load_fixture():
+    path = os.environ.get("HEADWISE_PEER_FIXTURES") or os.path.join(ROOT, "target", "peer_fixtures.json")
+    if not os.path.exists(path):
+        if os.environ.get("HEADWISE_PEER_FIXTURES"):
+            raise FileNotFoundError(path)
+        raise unittest.SkipTest(f"no fixture at {path}: cargo run --example peer_fixtures -- {path}")
+    with open(path) as f:
+        return json.load(f)
+
+
+class PeersMatchReference(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.fx = load_fixture()
+        cls.B = F.Numpy()
+
+    def assert_close(self, got, want, what):
+        got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+        self.assertEqual(got.shape, want.shape, what)
+        scale = max(np.max(np.abs(want)), 1e-300) if want.size else 1.0
+        err = np.max(np.abs(got - want)) / scale if want.size else 0.0
+        self.assertLessEqual(err, FLOAT_TOL, f"{what}: max relative error {err:.3e}")
+
+    def assert_same_selection(self, got, want, scores, window, what):
+        """Exact kept set, except near-ties at the cut (SPEC section 7)."""
+        got, want = [int(x) for x in got], [int(x) for x in want]
+        self.assertEqual(got, sorted(got), f"{what}: not in position order")
+        self.assertEqual(len(got), len(want), f"{what}: kept count")
+        differ = set(got) ^ set(want)
+        if not differ:
+            return
+        n = len(scores)
+        keep = len(want) - window
+        kth = sorted(scores, reverse=True)[keep - 1]
+        for t in differ:
+            self.assertLess(t, n, f"{what}: window token {t} differs")
+            self.assertLessEqual(abs(scores[t] - kth), TIE_TOL, f"{what}: token {t} is no near-tie")
+
+    def test_fixture_covers_every_formulation(self):
+        for key in ("snapkv", "adakv", "rkv", "attention"):
+            self.assertGreater(len(self.fx[key]), 0, key)
+
+    def test_snapkv_scores_and_selection(self):
+        B = self.B
+        for c in self.fx["snapkv"]:
+            d, w, g, q = c["head_dim"], c["window"], c["group"], c["q"]
+            k = np.asarray(c["k"]).reshape(1, 1, q, d)
+            queries = np.asarray(c["queries"]).reshape(1, g, w, d)
+            scores = F.snapkv_scores(B, k, queries, w, c["kernel"], c["pool"], c["gqa"])[0, 0]
+            self.assert_close(scores, c["scores"], f"snapkv {c['name']} scores")
+            kept = F.select_positions(B, scores, w, c["budget"])
+            self.assert_same_selection(kept, c["kept"], c["scores"], w, f"snapkv {c['name']} kept")
+
+    def test_snapkv_tied_case_keeps_lowest_positions(self):
+        c = next(c for c in self.fx["snapkv"] if c["name"] == "all_tied")
+        self.assertEqual(len(set(c["scores"])), 1)
+        keep = c["budget"] - c["window"]
+        n = c["q"] - c["window"]
+        self.assertEqual(c["kept"], list(range(keep)) + list(range(n, n + c["window"])))
+
+    def test_snapkv_per_query_head_is_group_of_one(self):
+        # The papers' mode (repeat_kv, one selection per query head) equals the KV-head mode
+        # with G = 1 on each query head.
+        B = self.B
+        c = self.fx["snapkv"][0]
+        d, w, g, q = c["head_dim"], c["window"], c["group"], c["q"]
+        k = np.asarray(c["k"]).reshape(1, 1, q, d)
+        queries = np.asarray(c["queries"]).reshape(1, g, w, d)
+        per_head = F.snapkv_scores(B, k, queries, w, c["kernel"], c["pool"], per_query_head=True)
+        for h in range(g):
+            one = F.snapkv_scores(B, k, queries[:, h : h + 1], w, c["kernel"], c["pool"])
+            self.assert_close(per_head[0, h], one[0, 0], f"query head {h}")
+
+    def test_adakv_budgets_and_selection(self):
+        B = self.B
+        for i, c in enumerate(self.fx["adakv"]):
+            d, w, g, q, hk = c["head_dim"], c["window"], c["group"], c["q"], c["kv_heads"]
+            k = np.asarray(c["k"]).reshape(1, hk, q, d)
+            queries = np.asarray(c["queries"]).reshape(1, hk * g, w, d)
+            scores = F.snapkv_scores(B, k, queries, w, c["kernel"], c["pool"], c["gqa"])[0]
+            self.assert_close(scores, c["scores"], f"adakv {i} scores")
+            budgets, kept = F.adakv_select(B, scores, w, c["base"], c["floor_alpha"])
+            self.assertEqual([int(x) for x in budgets], c["budgets"], f"adakv {i} budgets")
+            for h in range(hk):
+                self.assert_same_selection(kept[h], c["kept"][h], c["scores"][h], w, f"adakv {i} head {h}")
+            # The flattened gather holds exactly those rows, head after head.
+            flat_k, _ = F.adakv_compress(B, k, k, queries, c["base"], c["floor_alpha"], w, c["kernel"])
+            prefix = [int(t) for h in range(hk) for t in c["kept"][h][: c["budgets"][h] - w]]
+            self.assertEqual(flat_k.shape[0], len(prefix))
+
+    def test_rkv_importance_redundancy_scores_and_selection(self):
+        B = self.B
+        for i, c in enumerate(self.fx["rkv"]):
+            n_len, d, g, nq, alpha = c["len"], c["head_dim"], c["group"], c["nq"], c["alpha"]
+            k = np.asarray(c["k"]).reshape(1, n_len, d)
+            queries = np.asarray(c["queries"]).reshape(1, g, nq, d)
+            imp = F.rkv_importance(B, k, queries, alpha, c["kernel"])[0]
+            self.assert_close(imp, c["importance"], f"rkv {i} importance")
+            red = F.rkv_redundancy(B, k, c["fidelity_quirk"])[0]
+            self.assert_close(red, c["redundancy"], f"rkv {i} redundancy")
+            scores = F.rkv_scores(B, k, queries, alpha, c["kernel"], c["lambda"], c["fidelity_quirk"])[0]
+            self.assert_close(scores, c["scores"], f"rkv {i} scores")
+            kept = F.select_positions(B, scores, alpha, c["budget"])
+            self.assert_same_selection(kept, c["kept"], c["scores"], alpha, f"rkv {i} kept")
+
+    def test_decode_sdpa_over_padded_heads(self):
+        B = self.B
+        for i, c in enumerate(self.fx["attention"]):
+            d, g, lens = c["head_dim"], c["group"], c["lens"]
+            ks = [np.asarray(x).reshape(n, d) for x, n in zip(c["k"], lens)]
+            vs = [np.asarray(x).reshape(n, d) for x, n in zip(c["v"], lens)]
+            kp, mask = F.pad_ragged(B, ks)
+            vp, _ = F.pad_ragged(B, vs)
+            q = np.asarray(c["q"]).reshape(1, len(lens) * g, d)
+            out = F.decode_sdpa(B, q, kp[None], vp[None], mask[None], c["scale"])
+            self.assert_close(out.reshape(-1), c["out"], f"attention {i} out")
+
+    def test_append_copy_keeps_every_head_in_order(self):
+        B = self.B
+        cache = np.arange(3 * 4 * 2, dtype=np.float64).reshape(3, 4, 2)
+        new = -np.arange(3 * 2, dtype=np.float64).reshape(3, 2)
+        out = F.append_copy(B, cache, new)
+        self.assertEqual(out.shape, (3, 5, 2))
+        np.testing.assert_array_equal(out[:, :4], cache)
+        np.testing.assert_array_equal(out[:, 4], new)
+
+
+if __name__ == "__main__":
+    unittest.main()
