@@ -423,7 +423,7 @@ def dry_stages():
     st += [Stage(f"{tool} {t}", _fake(tool, 0.05), 5) for tool in ("racecheck", "synccheck") for t in RACE_SYNC]
     st += [Stage("bench select+attention", _fake("bench", 0.2, floors), 5)]
     st.append(Stage("peers", [sys.executable, os.path.join(ROOT, "benches/peers/peers.py"), "--log", "@FLOORS@",
-                              "--budget-s", "5", "--backend", "numpy", "--scale", "64"], 8, prepare=_peers_prepare))
+                              "--budget-s", "5", "--backend", "numpy", "--scale", "256"], 8, prepare=_peers_prepare))
     st.append(Stage("ncu append", _fake("ncu", 30), 1.5))
     st.append(Stage("tests-full gpu", _fake("tests-full", 60), 600))
     st.append(Stage("after the budget", _fake("late", 0.1), 5))

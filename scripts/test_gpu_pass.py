@@ -191,7 +191,9 @@ class DryModeTests(unittest.TestCase):
             self.assertEqual(status["peers"], "ok")
             # Every number in a dry summary is labelled fake or comes from the CPU backend.
             self.assertTrue(all(f.get("fake") == "dry" for f in s["floors"]))
-            self.assertTrue(s["peers"] and all(p.get("backend") == "numpy" for p in s["peers"]))
+            with open(os.path.join(out, "pass.log")) as f:
+                log = f.read()
+            self.assertTrue(s["peers"] and all(p.get("backend") == "numpy" for p in s["peers"]), log)
             with open(os.path.join(out, "summary.md")) as f:
                 self.assertIn("DRY RUN", f.readline())
             self.assertLessEqual(len(os.listdir(out)), G.MAX_FILES)

@@ -161,7 +161,7 @@ def main(argv=None):
     for rec in recs:
         head = f"kernel={rec['kernel']} shape={rec['shape']}"
         if time.monotonic() - start > args.budget_s:
-            print(f"PEER {head} skipped=budget")
+            print(f"PEER {head} backend={args.backend} skipped=budget")
             continue
         try:
             case = peer_case(B, rec, args.scale)
