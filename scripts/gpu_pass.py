@@ -71,11 +71,12 @@ NCU_METRICS = (
 class Stage:
     """One step: `cmd` (argv list) run with `env` added, for at most `cap_s` seconds.
     `skip` (a reason) marks a stage that cannot run here; `prepare` runs just before and may
-    rewrite the command (e.g. to point at a file an earlier stage produced)."""
+    rewrite the command (e.g. to point at a file an earlier stage produced); `expect` (a line
+    prefix) turns an exit 0 without such a line into `failed` (a bench that measured nothing)."""
 
-    def __init__(self, name, cmd, cap_s, env=None, skip=None, prepare=None):
+    def __init__(self, name, cmd, cap_s, env=None, skip=None, prepare=None, expect=None):
         self.name, self.cmd, self.cap_s = name, cmd, cap_s
-        self.env, self.skip, self.prepare = env or {}, skip, prepare
+        self.env, self.skip, self.prepare, self.expect = env or {}, skip, prepare, expect
 
 
 def _kill_group(proc):
@@ -190,6 +191,8 @@ class Pass:
                     log.flush()
                     status, rc, wall, out = run_stage(st, box, log)
                     res.update(status=status, rc=rc, wall_s=round(wall, 2), timeout_s=round(box, 2))
+                    if status == "ok" and st.expect and not re.search(f"^{st.expect}", out, re.M):
+                        res.update(status="failed", note=f"no {st.expect.strip()} line")
                     self.collect(st, out, res)
                 log.write(f"== {st.name}: {res['status']} ({res['wall_s']:.1f} s)\n")
                 log.flush()
@@ -269,9 +272,9 @@ def markdown(s):
     out = [f"# headwise GPU pass{' - DRY RUN (fake stages, fake numbers, no GPU)' if s['dry'] else ''}\n",
            f"Started {s['started_utc']}, budget {s['budget_s']:.0f} s, spent {s['spent_s']:.1f} s. "
            f"Device: {s['device'] or 'unknown'}.\n", "## Stages\n"]
-    out.append(_table(["stage", "status", "wall s", "box s", "tests passed/failed"], [
+    out.append(_table(["stage", "status", "wall s", "box s", "tests passed/failed", "note"], [
         [r["name"], r["status"], f"{r['wall_s']:.1f}", r.get("timeout_s", "-"),
-         f"{r['tests_passed']}/{r['tests_failed']}" if "tests_passed" in r else "-"]
+         f"{r['tests_passed']}/{r['tests_failed']}" if "tests_passed" in r else "-", r.get("note", "")]
         for r in s["stages"]]))
     if s["floors"]:
         out.append("\n## Benches: measured / floor\n")
@@ -386,9 +389,9 @@ def gpu_stages():
     for b in BENCHES:
         st.append(Stage(f"bench {b}", [_bin(f"bench-{b}"), "--bench", "--noplot", "--warm-up-time", "0.5",
                                        "--measurement-time", "2"], caps[b], {"HEADWISE_BENCH_QUICK": "1"},
-                        skip=_missing_bin(f"bench-{b}")))
+                        skip=_missing_bin(f"bench-{b}"), expect="FLOOR "))
     st.append(Stage("peers", [sys.executable, os.path.join(ROOT, "benches/peers/peers.py"), "--log", "@FLOORS@",
-                              "--budget-s", "40"], 45, prepare=_peers_prepare))
+                              "--budget-s", "40"], 45, prepare=_peers_prepare, expect="PEER "))
     for fam, (test, regex) in NCU.items():
         st.append(Stage(f"ncu {fam}", ["ncu", "--launch-count", "1", "--kernel-name", regex, "--csv", "--metrics",
                                        ",".join(NCU_METRICS), _bin("test-gpu"), "--test-threads=1", test],
@@ -421,7 +424,7 @@ def dry_stages():
     st += [Stage(f"tests-quick {t}", _fake(t, 0.1, tests), 5) for t in GPU_TESTS]
     st += [Stage("memcheck", _fake("memcheck", 0.1, ["========= ERROR SUMMARY: 0 errors"]), 5)]
     st += [Stage(f"{tool} {t}", _fake(tool, 0.05), 5) for tool in ("racecheck", "synccheck") for t in RACE_SYNC]
-    st += [Stage("bench select+attention", _fake("bench", 0.2, floors), 5)]
+    st += [Stage("bench select+attention", _fake("bench", 0.2, floors), 5, expect="FLOOR ")]
     st.append(Stage("peers", [sys.executable, os.path.join(ROOT, "benches/peers/peers.py"), "--log", "@FLOORS@",
                               "--budget-s", "5", "--backend", "numpy", "--scale", "256"], 8, prepare=_peers_prepare))
     st.append(Stage("ncu append", _fake("ncu", 30), 1.5))

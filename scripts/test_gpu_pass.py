@@ -92,8 +92,11 @@ class RunnerTests(unittest.TestCase):
         stages = [G.Stage("fails", py("import sys; sys.exit(3)"), 5),
                   G.Stage("absent", ["/nonexistent/binary"], 5, skip="missing gpu-bin/test-x"),
                   G.Stage("unstartable", ["/nonexistent/binary"], 5)]
+        stages.append(G.Stage("bench measured nothing", py("print('bench: NOT RUN: no GPU')"), 5, expect="FLOOR "))
         p, rc = self.run_pass(stages)
-        self.assertEqual([r["status"] for r in p.results], ["failed", "skipped: missing gpu-bin/test-x", "failed"])
+        self.assertEqual([r["status"] for r in p.results],
+                         ["failed", "skipped: missing gpu-bin/test-x", "failed", "failed"])
+        self.assertEqual(p.results[3]["note"], "no FLOOR line")
         self.assertEqual(p.results[0]["rc"], 3)
         self.assertEqual(rc, 1)
 
