@@ -18,7 +18,8 @@ left) in a process group of its own (killed whole when the box closes) and ends 
   3. benches, HEADWISE_BENCH_QUICK=1 sizes, criterion --warm-up-time 0.5 --measurement-time 2:
      their FLOOR lines (measured / floor)
   4. peers: benches/peers/peers.py (PyTorch) at the benches' shapes: PEER lines (peer / headwise)
-  5. ncu: one launch of each kernel family (DRAM throughput, occupancy, registers)
+  5. ncu: the first launches of each kernel family, one per kernel (DRAM throughput,
+     achieved occupancy, registers, duration)
   6. tests-full: the gpu tests at full shapes, with whatever budget is left
 
 Output (OUT, default $OUT or gpu-out): pass.log (every stage's output), summary.json,
@@ -52,12 +53,16 @@ MEMCHECK = (
     "rkv_matches_reference_on_gpu",
 )
 RACE_SYNC = ("select_compress_into_on_gpu", "rkv_matches_reference_on_gpu")
-# Kernel family -> (test that launches it, ncu kernel-name regex).
+# Kernel family -> (test that launches it, ncu kernel-name regex, launches profiled, box s).
+# N = one pass of the family's pipeline, in launch order (src/select.rs: stats, stats merge,
+# score, pool, top-k, gather (+ AdaKV when the budgets are AdaKV's); src/redundancy.rs:
+# importance, norms, similarity, select; src/attention.rs: the pass, then the merge when the
+# planner splits), so the first N matching launches are about one of each kernel.
 NCU = {
-    "append": ("append_matches_reference_on_gpu", "regex:^hw_append"),
-    "attention": ("attention_matches_reference_on_gpu", "regex:^hw_attention_(bf16|f16)"),
-    "select": ("select_compress_into_on_gpu", "regex:^hw_select"),
-    "redundancy": ("rkv_matches_reference_on_gpu", "regex:^hw_rkv"),
+    "append": ("append_matches_reference_on_gpu", "regex:^hw_append", 1, 10),
+    "attention": ("attention_matches_reference_on_gpu", "regex:^hw_attention", 2, 12),
+    "select": ("select_compress_into_on_gpu", "regex:^hw_select", 6, 15),
+    "redundancy": ("rkv_matches_reference_on_gpu", "regex:^hw_rkv", 4, 11),
 }
 NCU_METRICS = (
     "gpu__time_duration.sum",
@@ -290,7 +295,7 @@ def markdown(s):
              r.get("headwise_us", "-"), r.get("ratio", r.get("error", r.get("skipped", "-")))]
             for r in s["peers"]]))
     if s["ncu"]:
-        out.append("\n## ncu (one launch per kernel family)\n")
+        out.append("\n## ncu (first launch of each kernel)\n")
         out.append(_table(["stage", "kernel"] + list(NCU_METRICS), [
             [r["stage"], r["kernel"][:60]] + [r.get(m, "-") for m in NCU_METRICS] for r in s["ncu"]]))
     return "\n".join(out)
@@ -392,10 +397,10 @@ def gpu_stages():
                         skip=_missing_bin(f"bench-{b}"), expect="FLOOR "))
     st.append(Stage("peers", [sys.executable, os.path.join(ROOT, "benches/peers/peers.py"), "--log", "@FLOORS@",
                               "--budget-s", "40"], 45, prepare=_peers_prepare, expect="PEER "))
-    for fam, (test, regex) in NCU.items():
-        st.append(Stage(f"ncu {fam}", ["ncu", "--launch-count", "1", "--kernel-name", regex, "--csv", "--metrics",
-                                       ",".join(NCU_METRICS), _bin("test-gpu"), "--test-threads=1", test],
-                        12, q, skip=_missing_tool("ncu")))
+    for fam, (test, regex, launches, cap) in NCU.items():
+        st.append(Stage(f"ncu {fam}", ["ncu", "--launch-count", str(launches), "--kernel-name", regex, "--csv",
+                                       "--metrics", ",".join(NCU_METRICS), _bin("test-gpu"), "--test-threads=1",
+                                       test], cap, q, skip=_missing_tool("ncu")))
     st.append(Stage("tests-full gpu", [_bin("test-gpu"), "--test-threads=1"], 600, skip=_missing_bin("test-gpu")))
     return st
 
