@@ -154,5 +154,67 @@ class PeersMatchReference(unittest.TestCase):
         np.testing.assert_array_equal(out[:, 4], new)
 
 
+FAKE_FLOORS = """\
+FLOOR kernel=select shape=snapkv_q8k_b1024 measured_us=100.0 floor_us=50.0 ratio=2.0 basis=bytes/copy_bw policy=snapkv q=8192 budget=1024 kept=8192 batch=1 kv_heads=8 group=4 head_dim=128 window=32 bytes=1
+FLOOR kernel=select shape=pyramidkv_l0_q8k_b1024 measured_us=100.0 floor_us=50.0 ratio=2.0 basis=bytes/copy_bw policy=pyramidkv_l0 q=8192 budget=1024 kept=16000 batch=1 kv_heads=8 group=4 head_dim=128 window=32 bytes=1
+FLOOR kernel=select shape=headkv_l0_q8k_b1024 measured_us=100.0 floor_us=50.0 ratio=2.0 basis=bytes/copy_bw policy=headkv_l0 q=8192 budget=1024 kept=8192 batch=1 kv_heads=8 group=4 head_dim=128 window=32 bytes=1
+FLOOR kernel=select shape=adakv_q8k_b1024 measured_us=100.0 floor_us=50.0 ratio=2.0 basis=bytes/copy_bw policy=adakv q=8192 budget=1024 kept=8192 batch=1 kv_heads=8 group=4 head_dim=128 window=32 bytes=1
+FLOOR kernel=append shape=batch1_ctx32k measured_us=5 floor_us=1 ratio=5 basis=bytes/copy_bw batch=1 ctx=32768 kv_heads=8 head_dim=128 bytes=1
+FLOOR kernel=attention shape=rlkv_s0.4_ctx32k_b16 measured_us=5 floor_us=1 ratio=5 basis=bytes/copy_bw batch=16 ctx=32768 streaming_heads=3 sink=16 window=64 kv_heads=8 group=4 head_dim=128 bytes=1
+FLOOR kernel=redundancy shape=qwen7b_r1_b1_budget512 measured_us=5 floor_us=1 ratio=5 basis=flops/datasheet_bf16 model=qwen7b_r1 batch=1 budget=512 len=640 kv_heads=4 group=7 head_dim=128 alpha=8 flops=1 bytes=1
+FLOOR kernel=select shape=snapkv_q8k_b1024 measured_us=1.0 floor_us=1.0 ratio=1.0 basis=dup policy=snapkv q=8192 budget=1024 kept=8192 batch=1 kv_heads=8 group=4 head_dim=128 window=32 bytes=1
+"""
+
+
+class PeersScript(unittest.TestCase):
+    """peers.py end to end on the numpy backend at shapes / 256: every kernel's peer case
+    (the code the GPU runs with torch) builds and runs, and each FLOOR line gets one PEER."""
+
+    def test_every_bench_kernel_gets_its_peer(self):
+        import contextlib
+        import io
+        import tempfile
+
+        import peers
+
+        with tempfile.NamedTemporaryFile("w", suffix=".log", delete=False) as f:
+            f.write(FAKE_FLOORS + "criterion noise\nFLOOR broken\n")
+        out = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(out):
+                rc = peers.main(["--log", f.name, "--backend", "numpy", "--scale", "256", "--budget-s", "60"])
+        finally:
+            os.unlink(f.name)
+        lines = [line for line in out.getvalue().splitlines() if line.startswith("PEER ")]
+        self.assertEqual(rc, 0, out.getvalue())
+        got = {(r["shape"], r["peer"]) for r in (dict(kv.split("=", 1) for kv in line.split()[1:]) for line in lines)}
+        self.assertEqual(got, {
+            ("snapkv_q8k_b1024", "snapkv_repeat_kv"), ("pyramidkv_l0_q8k_b1024", "snapkv_repeat_kv"),
+            ("adakv_q8k_b1024", "adakv_flat"), ("batch1_ctx32k", "adakv_append_copy"),
+            ("rlkv_s0.4_ctx32k_b16", "sdpa_padded"), ("qwen7b_r1_b1_budget512", "rkv_torch_ops"),
+        })
+        # The first FLOOR line of a shape is the one compared with.
+        snap = next(line for line in lines if "shape=snapkv_q8k_b1024" in line)
+        self.assertIn("headwise_us=100.000", snap)
+
+    def test_no_floor_lines_is_an_error(self):
+        import contextlib
+        import io
+        import tempfile
+
+        import peers
+
+        with tempfile.NamedTemporaryFile("w", suffix=".log", delete=False) as f:
+            f.write("select bench: NOT RUN: no GPU\n")
+        out = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(out):
+                rc = peers.main(["--log", f.name, "--backend", "numpy"])
+        finally:
+            os.unlink(f.name)
+        self.assertEqual(rc, 1)
+        self.assertIn("no FLOOR lines", out.getvalue())
+
+
 if __name__ == "__main__":
     unittest.main()
