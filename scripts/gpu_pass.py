@@ -198,7 +198,10 @@ class Pass:
                     res.update(status=status, rc=rc, wall_s=round(wall, 2), timeout_s=round(box, 2))
                     if status == "ok" and st.expect and not re.search(f"^{st.expect}", out, re.M):
                         res.update(status="failed", note=f"no {st.expect.strip()} line")
-                    self.collect(st, out, res)
+                    try:
+                        self.collect(st, out, res)
+                    except Exception as e:  # odd output must not cost the rest of the pass
+                        res["note"] = f"output not parsed: {e}"
                 log.write(f"== {st.name}: {res['status']} ({res['wall_s']:.1f} s)\n")
                 log.flush()
                 print(f"[gpu-pass] {st.name}: {res['status']} ({res['wall_s']:.1f} s, "
