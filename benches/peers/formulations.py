@@ -52,8 +52,6 @@ class Numpy:
     def where(self, c, a, b):
         return self.np.where(c, a, b)
 
-    def full(self, shape, value):
-        return self.np.full(shape, value, dtype=self.np.float64)
 
     def concat(self, xs, axis):
         return self.np.concatenate(xs, axis=axis)
@@ -103,19 +101,20 @@ class Torch:
 
     name = "torch"
 
-    def __init__(self, device="cuda", dtype="bfloat16"):
+    def __init__(self, device="cuda", dtype="bfloat16", acc="float32"):
         import torch
 
         self.torch = torch
         self.device = device
         self.dtype = getattr(torch, dtype)
+        self.acc_dtype = getattr(torch, acc)  # float64 only to check the torch path on the CPU
         self.float32 = torch.float32
 
     def asarray(self, x, dtype=None):
         return self.torch.as_tensor(x, dtype=dtype or self.dtype, device=self.device)
 
     def acc(self, x):
-        return x.float()
+        return x.to(self.acc_dtype)
 
     def swap_last(self, x):
         return x.transpose(-1, -2)
@@ -138,8 +137,6 @@ class Torch:
     def where(self, c, a, b):
         return self.torch.where(c, a, b)
 
-    def full(self, shape, value):
-        return self.torch.full(shape, value, dtype=self.torch.float32, device=self.device)
 
     def concat(self, xs, axis):
         return self.torch.cat(xs, dim=axis)

@@ -4,6 +4,9 @@ Fixture: `cargo run --example peer_fixtures -- target/peer_fixtures.json` (the p
 with HEADWISE_PEER_FIXTURES; when that variable is set the fixture must exist).
 Run: `python3 -m unittest benches/peers/test_peers.py` from the repository root.
 
+Where torch is installed (not in CI; the GPU machine has it) the same checks also run on the
+torch backend (CPU, float64), and every peer case of peers.py runs once in bf16 on the CPU.
+
 Selections must match the reference's kept positions exactly (ties: lower position, SPEC.md
 section 7); a disagreement is excused only when both tokens' reference scores lie within
 TIE_TOL of the k-th score. Floats: relative tolerance FLOAT_TOL (both sides are f64 over the
@@ -43,6 +46,9 @@ class PeersMatchReference(unittest.TestCase):
         cls.fx = load_fixture()
         cls.B = F.Numpy()
 
+    def arr(self, x):
+        return np.asarray(x, dtype=np.float64)
+
     def assert_close(self, got, want, what):
         got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
         self.assertEqual(got.shape, want.shape, what)
@@ -73,8 +79,8 @@ class PeersMatchReference(unittest.TestCase):
         B = self.B
         for c in self.fx["snapkv"]:
             d, w, g, q = c["head_dim"], c["window"], c["group"], c["q"]
-            k = np.asarray(c["k"]).reshape(1, 1, q, d)
-            queries = np.asarray(c["queries"]).reshape(1, g, w, d)
+            k = self.arr(c["k"]).reshape(1, 1, q, d)
+            queries = self.arr(c["queries"]).reshape(1, g, w, d)
             scores = F.snapkv_scores(B, k, queries, w, c["kernel"], c["pool"], c["gqa"])[0, 0]
             self.assert_close(scores, c["scores"], f"snapkv {c['name']} scores")
             kept = F.select_positions(B, scores, w, c["budget"])
@@ -93,8 +99,8 @@ class PeersMatchReference(unittest.TestCase):
         B = self.B
         c = self.fx["snapkv"][0]
         d, w, g, q = c["head_dim"], c["window"], c["group"], c["q"]
-        k = np.asarray(c["k"]).reshape(1, 1, q, d)
-        queries = np.asarray(c["queries"]).reshape(1, g, w, d)
+        k = self.arr(c["k"]).reshape(1, 1, q, d)
+        queries = self.arr(c["queries"]).reshape(1, g, w, d)
         per_head = F.snapkv_scores(B, k, queries, w, c["kernel"], c["pool"], per_query_head=True)
         for h in range(g):
             one = F.snapkv_scores(B, k, queries[:, h : h + 1], w, c["kernel"], c["pool"])
@@ -104,8 +110,8 @@ class PeersMatchReference(unittest.TestCase):
         B = self.B
         for i, c in enumerate(self.fx["adakv"]):
             d, w, g, q, hk = c["head_dim"], c["window"], c["group"], c["q"], c["kv_heads"]
-            k = np.asarray(c["k"]).reshape(1, hk, q, d)
-            queries = np.asarray(c["queries"]).reshape(1, hk * g, w, d)
+            k = self.arr(c["k"]).reshape(1, hk, q, d)
+            queries = self.arr(c["queries"]).reshape(1, hk * g, w, d)
             scores = F.snapkv_scores(B, k, queries, w, c["kernel"], c["pool"], c["gqa"])[0]
             self.assert_close(scores, c["scores"], f"adakv {i} scores")
             budgets, kept = F.adakv_select(B, scores, w, c["base"], c["floor_alpha"])
@@ -121,8 +127,8 @@ class PeersMatchReference(unittest.TestCase):
         B = self.B
         for i, c in enumerate(self.fx["rkv"]):
             n_len, d, g, nq, alpha = c["len"], c["head_dim"], c["group"], c["nq"], c["alpha"]
-            k = np.asarray(c["k"]).reshape(1, n_len, d)
-            queries = np.asarray(c["queries"]).reshape(1, g, nq, d)
+            k = self.arr(c["k"]).reshape(1, n_len, d)
+            queries = self.arr(c["queries"]).reshape(1, g, nq, d)
             imp = F.rkv_importance(B, k, queries, alpha, c["kernel"])[0]
             self.assert_close(imp, c["importance"], f"rkv {i} importance")
             red = F.rkv_redundancy(B, k, c["fidelity_quirk"])[0]
@@ -136,11 +142,11 @@ class PeersMatchReference(unittest.TestCase):
         B = self.B
         for i, c in enumerate(self.fx["attention"]):
             d, g, lens = c["head_dim"], c["group"], c["lens"]
-            ks = [np.asarray(x).reshape(n, d) for x, n in zip(c["k"], lens)]
-            vs = [np.asarray(x).reshape(n, d) for x, n in zip(c["v"], lens)]
+            ks = [self.arr(x).reshape(n, d) for x, n in zip(c["k"], lens)]
+            vs = [self.arr(x).reshape(n, d) for x, n in zip(c["v"], lens)]
             kp, mask = F.pad_ragged(B, ks)
             vp, _ = F.pad_ragged(B, vs)
-            q = np.asarray(c["q"]).reshape(1, len(lens) * g, d)
+            q = self.arr(c["q"]).reshape(1, len(lens) * g, d)
             out = F.decode_sdpa(B, q, kp[None], vp[None], mask[None], c["scale"])
             self.assert_close(out.reshape(-1), c["out"], f"attention {i} out")
 
@@ -152,6 +158,30 @@ class PeersMatchReference(unittest.TestCase):
         self.assertEqual(out.shape, (3, 5, 2))
         np.testing.assert_array_equal(out[:, :4], cache)
         np.testing.assert_array_equal(out[:, 4], new)
+
+
+class TorchPathMatchesReference(PeersMatchReference):
+    """The same checks on the torch backend (CPU, float64 throughout) where torch is
+    installed (the GPU machine; not CI): the code path peers.py times. torch.topk breaks ties
+    in no fixed order, so only near-tie disagreements are excused, as SPEC 7 allows."""
+
+    @classmethod
+    def setUpClass(cls):
+        try:
+            import torch
+        except ImportError:
+            raise unittest.SkipTest("torch is not installed")
+        cls.fx = load_fixture()
+        cls.B = F.Torch(device="cpu", dtype="float64", acc="float64")
+
+    def arr(self, x):
+        return self.B.torch.tensor(x, dtype=self.B.torch.float64)
+
+    def test_snapkv_tied_case_keeps_lowest_positions(self):
+        self.skipTest("torch.topk's tie order is not fixed (the authors' behaviour)")
+
+    def test_append_copy_keeps_every_head_in_order(self):
+        self.skipTest("backend-independent")
 
 
 FAKE_FLOORS = """\
@@ -196,6 +226,28 @@ class PeersScript(unittest.TestCase):
         # The first FLOOR line of a shape is the one compared with.
         snap = next(line for line in lines if "shape=snapkv_q8k_b1024" in line)
         self.assertIn("headwise_us=100.000", snap)
+
+    def test_torch_cases_run_in_the_model_dtype(self):
+        """Each peer case as the GPU runs it (torch, bf16, f32 softmax), here on the CPU at
+        shapes / 256, where torch is installed."""
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            self.skipTest("torch is not installed")
+        import peers
+
+        B = F.Torch(device="cpu", dtype="bfloat16")
+        names = set()
+        for rec in peers.parse_floor_lines(FAKE_FLOORS):
+            case = peers.peer_case(B, rec, 256)
+            if case is not None:
+                name, fn = case
+                out = fn()
+                first = out[0] if isinstance(out, tuple) else out
+                self.assertFalse(bool(first.float().isnan().any()), name)
+                names.add(name)
+        self.assertEqual(names, {"snapkv_repeat_kv", "adakv_flat", "adakv_append_copy", "sdpa_padded",
+                                 "rkv_torch_ops"})
 
     def test_no_floor_lines_is_an_error(self):
         import contextlib
