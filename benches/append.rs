@@ -18,9 +18,10 @@ const HEADROOM: u32 = 1024;
 
 fn bench(c: &mut Criterion) {
     let Some(store) = support::gpu_or_not_run("append") else { return };
+    let bw = support::copy_bandwidth(&store);
+    eprintln!("device copy bandwidth: {:.0} GB/s (read + write)", bw / 1e9);
     let mut group = c.benchmark_group("append");
-    group.measurement_time(Duration::from_secs(3));
-    for batch in [1usize, 8, 64] {
+    for batch in support::sizes(&[1usize, 8, 64], &[1, 64]) {
         let mut b = LayoutBuilder::new(batch, KV_HEADS).headroom(HEADROOM);
         for s in 0..batch {
             for h in 0..KV_HEADS {
@@ -36,7 +37,9 @@ fn bench(c: &mut Criterion) {
             "append batch {batch}: {moved} B per launch (floor); AdaKV's per-step copy moves {:.1} MB",
             adakv as f64 / 1e6
         );
-        group.bench_function(format!("batch{batch}_ctx32k"), |bch| {
+        let name = format!("batch{batch}_ctx32k");
+        let mut samples = Vec::new();
+        group.bench_function(&name, |bch| {
             bch.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
                 let mut left = iters;
@@ -55,12 +58,25 @@ fn bench(c: &mut Criterion) {
                     cache = Some(c);
                     left -= chunk;
                 }
+                samples.push(total.as_secs_f64() / iters as f64);
                 total
             })
         });
+        support::floor_line(
+            "append",
+            &name,
+            support::median(&mut samples),
+            moved as f64 / bw,
+            "bytes/copy_bw",
+            &format!("batch={batch} ctx={CONTEXT} kv_heads={KV_HEADS} head_dim={HEAD_DIM} bytes={moved}"),
+        );
     }
     group.finish();
 }
 
-criterion_group!(benches, bench);
+criterion_group! {
+    name = benches;
+    config = support::config(1000, 3000, 100);
+    targets = bench
+}
 criterion_main!(benches);

@@ -10,7 +10,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use half::bf16;
 use headwise::policy::heads::StreamingSize;
 use headwise::{AttentionOptions, AttentionWorkspace, GpuBuf, LayerCache, LayoutBuilder, Store};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 const KV_HEADS: usize = 8;
 const GROUP: usize = 4;
@@ -21,16 +21,17 @@ fn bench(c: &mut Criterion) {
     let bw = support::copy_bandwidth(&store);
     eprintln!("device copy bandwidth: {:.0} GB/s (read + write)", bw / 1e9);
     let mut group = c.benchmark_group("attention");
-    group.measurement_time(Duration::from_secs(2)).sample_size(20);
     let mut cases: Vec<(String, usize, u32, usize)> = Vec::new(); // name, batch, context, streaming heads
-    for (ctx, batches) in [(4096u32, &[1usize, 8, 64][..]), (32768, &[1, 8, 16]), (131072, &[1, 4])] {
+    let full: &[(u32, &[usize])] = &[(4096, &[1, 8, 64]), (32768, &[1, 8, 16]), (131072, &[1, 4])];
+    let quick: &[(u32, &[usize])] = &[(4096, &[1]), (32768, &[1, 8]), (131072, &[1])];
+    for (ctx, batches) in support::sizes(full, quick) {
         for &b in batches {
             cases.push((format!("full_ctx{}k_b{b}", ctx / 1024), b, ctx, 0));
         }
     }
-    for s in [0.2, 0.4, 0.6, 0.8] {
+    for s in support::sizes(&[0.2, 0.4, 0.6, 0.8], &[0.4, 0.8]) {
         let streaming = (s * KV_HEADS as f64).round() as usize;
-        for b in [1usize, 16, 64] {
+        for b in support::sizes(&[1usize, 16, 64], &[16]) {
             cases.push((format!("rlkv_s{s}_ctx32k_b{b}"), b, 32768, streaming));
         }
     }
@@ -61,7 +62,7 @@ fn bench(c: &mut Criterion) {
         let mut ws = AttentionWorkspace::new();
         let opts = AttentionOptions::default();
         let bytes = 2 * layout.rows_in_use() as usize * HEAD_DIM * 2 + 2 * heads * HEAD_DIM * 2;
-        let mut median = f64::NAN;
+        let mut samples = Vec::new();
         group.bench_function(&name, |bch| {
             bch.iter_custom(|iters| {
                 store.synchronize().unwrap();
@@ -71,21 +72,39 @@ fn bench(c: &mut Criterion) {
                 }
                 store.synchronize().unwrap();
                 let d = t.elapsed();
-                median = d.as_secs_f64() / iters as f64;
+                samples.push(d.as_secs_f64() / iters as f64);
                 d
             })
         });
+        let median = support::median(&mut samples);
         eprintln!(
-            "{name}: {:.1} MB read, last sample {:.1} us/launch, {:.0}% of copy bandwidth (floor {:.1} us), plan {:?}",
+            "{name}: {:.1} MB read, median sample {:.1} us/launch, {:.0}% of copy bandwidth (floor {:.1} us), plan {:?}",
             bytes as f64 / 1e6,
             median * 1e6,
             100.0 * (bytes as f64 / median) / bw,
             bytes as f64 / bw * 1e6,
             headwise::attention::plan(&layout, store.sm_count()),
         );
+        support::floor_line(
+            "attention",
+            &name,
+            median,
+            bytes as f64 / bw,
+            "bytes/copy_bw",
+            &format!(
+                "batch={batch} ctx={ctx} streaming_heads={streaming} sink={} window={} kv_heads={KV_HEADS} \
+                 group={GROUP} head_dim={HEAD_DIM} bytes={bytes}",
+                StreamingSize::RLKV.sink,
+                StreamingSize::RLKV.window
+            ),
+        );
     }
     group.finish();
 }
 
-criterion_group!(benches, bench);
+criterion_group! {
+    name = benches;
+    config = support::config(1000, 2000, 20);
+    targets = bench
+}
 criterion_main!(benches);

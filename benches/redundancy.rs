@@ -19,11 +19,12 @@ const DATASHEET_BF16_TFLOPS: f64 = 989.0;
 
 fn bench(c: &mut Criterion) {
     let Some(store) = support::gpu_or_not_run("redundancy") else { return };
+    let bw = support::copy_bandwidth(&store);
+    eprintln!("device copy bandwidth: {:.0} GB/s (read + write)", bw / 1e9);
     let mut group = c.benchmark_group("redundancy");
-    group.measurement_time(Duration::from_secs(2)).sample_size(10);
     for (model, kv_heads, g) in [("llama8b_r1", 8usize, 4usize), ("qwen7b_r1", 4, 7)] {
-        for batch in [1usize, 8] {
-            for budget in [512usize, 1024, 2048, 4096] {
+        for batch in support::sizes(&[1usize, 8], &[1]) {
+            for budget in support::sizes(&[512usize, 1024, 2048, 4096], &[512, 2048]) {
                 let opts = RkvOptions::new(budget);
                 let len = budget + opts.buffer;
                 let mut lb = LayoutBuilder::new(batch, kv_heads);
@@ -57,7 +58,7 @@ fn bench(c: &mut Criterion) {
                     * (2.0 * (len * len * HEAD_DIM) as f64
                         + 2.0 * 2.0 * (g * opts.alpha * n * HEAD_DIM) as f64);
                 let name = format!("{model}_b{batch}_budget{budget}");
-                let mut per_step = f64::NAN;
+                let mut samples = Vec::new();
                 group.bench_function(&name, |bch| {
                     bch.iter_custom(|iters| {
                         let mut total = Duration::ZERO;
@@ -73,13 +74,32 @@ fn bench(c: &mut Criterion) {
                             total += t.elapsed();
                             cache = Some(fresh);
                         }
-                        per_step = total.as_secs_f64() / iters as f64;
+                        samples.push(total.as_secs_f64() / iters as f64);
                         total
                     })
                 });
+                let per_step = support::median(&mut samples);
                 let tflops = flops / per_step / 1e12;
+                // Bytes: K read once, the kept K/V rows read and written by the compaction.
+                let bytes = segs * len * HEAD_DIM * 2 + 2 * 2 * segs * budget * HEAD_DIM * 2;
+                let compute_floor = flops / (DATASHEET_BF16_TFLOPS * 1e12);
+                let memory_floor = bytes as f64 / bw;
+                let basis =
+                    if compute_floor >= memory_floor { "flops/datasheet_bf16" } else { "bytes/copy_bw" };
+                support::floor_line(
+                    "redundancy",
+                    &name,
+                    per_step,
+                    compute_floor.max(memory_floor),
+                    basis,
+                    &format!(
+                        "model={model} batch={batch} budget={budget} len={len} kv_heads={kv_heads} group={g} \
+                         head_dim={HEAD_DIM} alpha={} flops={flops:.0} bytes={bytes}",
+                        opts.alpha
+                    ),
+                );
                 eprintln!(
-                    "{name}: {:.2} GFLOP per step, last sample {:.1} us, {tflops:.1} TFLOP/s = {:.1}% of the \
+                    "{name}: {:.2} GFLOP per step, median sample {:.1} us, {tflops:.1} TFLOP/s = {:.1}% of the \
                      {DATASHEET_BF16_TFLOPS} TFLOP/s datasheet peak",
                     flops / 1e9,
                     per_step * 1e6,
@@ -91,5 +111,9 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench);
+criterion_group! {
+    name = benches;
+    config = support::config(1000, 2000, 10);
+    targets = bench
+}
 criterion_main!(benches);

@@ -21,7 +21,7 @@ use headwise::policy::head_scores::HeadScores;
 use headwise::select::{Budgets, Prompt, SelectOptions, SelectWorkspace, compress_into};
 use headwise::{GpuBuf, LayerCache, LayoutBuilder};
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 const KV_HEADS: usize = 8;
 const GROUP: usize = 4;
@@ -52,7 +52,6 @@ fn bench(c: &mut Criterion) {
     let (importance, source) = headkv_importance();
     eprintln!("HeadKV scores: {source}");
     let mut group = c.benchmark_group("select");
-    group.measurement_time(Duration::from_secs(1)).warm_up_time(Duration::from_millis(300)).sample_size(10);
     let opts = SelectOptions { window: WINDOW as usize, pool_kernel: 7, ..SelectOptions::default() };
     let mut ws = SelectWorkspace::new();
     for q in [8192usize, 32768, 131072] {
@@ -71,7 +70,7 @@ fn bench(c: &mut Criterion) {
             q_len: q,
             head_dim: HEAD_DIM,
         };
-        for budget in [64u32, 256, 1024, 2048] {
+        for budget in support::sizes(&[64u32, 256, 1024, 2048], &[1024]) {
             let pyramid_l0 = pyramid(budget, WINDOW, LAYERS, q as u32, 20).unwrap()[0];
             let headkv_l0 = headkv(&importance, budget, WINDOW, &HeadKvOptions::default()).unwrap();
             let (snapkv, pyramidkv) = ([budget; KV_HEADS], [pyramid_l0; KV_HEADS]);
@@ -112,8 +111,7 @@ fn bench(c: &mut Criterion) {
                         d
                     })
                 });
-                per_launch.sort_by(f64::total_cmp);
-                let measured = per_launch[per_launch.len() / 2];
+                let measured = support::median(&mut per_launch);
                 eprintln!(
                     "{name}: {kept} rows kept, {:.1} MB floor = {:.1} us, measured {:.1} us (median sample), {:.2}x the floor",
                     bytes as f64 / 1e6,
@@ -121,11 +119,26 @@ fn bench(c: &mut Criterion) {
                     measured * 1e6,
                     measured / floor,
                 );
+                support::floor_line(
+                    "select",
+                    &name,
+                    measured,
+                    floor,
+                    "bytes/copy_bw",
+                    &format!(
+                        "policy={policy} q={q} budget={budget} kept={kept} batch=1 kv_heads={KV_HEADS} \
+                         group={GROUP} head_dim={HEAD_DIM} window={WINDOW} bytes={bytes}"
+                    ),
+                );
             }
         }
     }
     group.finish();
 }
 
-criterion_group!(benches, bench);
+criterion_group! {
+    name = benches;
+    config = support::config(300, 1000, 10);
+    targets = bench
+}
 criterion_main!(benches);

@@ -1,6 +1,10 @@
 //! GPU tests. Opening a store must never panic, GPU or not (checked in every run). The kernel
 //! tests need `--features gpu-tests` and a GPU; with the feature on and no GPU they fail, so a
 //! GPU run cannot pass by skipping.
+//!
+//! `HEADWISE_GPU_QUICK=1` keeps every kernel, dtype and head_dim but cuts the shapes: fewer
+//! group sizes, 8 proptest cases instead of 64, 32k-token long rows instead of 128k+ (the GPU
+//! pass, scripts/gpu_pass.py, runs this first and the full set when time remains).
 
 mod common;
 
@@ -34,6 +38,21 @@ mod on_gpu {
     use headwise::{GpuStore, KvElem, Store};
     use proptest::prelude::*;
 
+    /// `HEADWISE_GPU_QUICK` set to anything but `0`.
+    fn quick() -> bool {
+        std::env::var("HEADWISE_GPU_QUICK").is_ok_and(|v| !v.is_empty() && v != "0")
+    }
+
+    /// `full`, or `reduced` under [`quick`].
+    fn pick<T: Clone>(full: &[T], reduced: &[T]) -> Vec<T> {
+        if quick() { reduced.to_vec() } else { full.to_vec() }
+    }
+
+    /// Proptest cases per property: 64, or 8 under [`quick`].
+    fn cases() -> ProptestConfig {
+        ProptestConfig::with_cases(if quick() { 8 } else { 64 })
+    }
+
     fn store() -> GpuStore {
         GpuStore::new(0).unwrap_or_else(|e| panic!("gpu-tests enabled but no usable GPU: {e}"))
     }
@@ -56,7 +75,7 @@ mod on_gpu {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(64))]
+        #![proptest_config(cases())]
         #[test]
         fn append_random_layouts_on_gpu(
             (batch, kv_heads, specs, gaps) in (1usize..9, 1usize..9).prop_flat_map(|(b, h)| {
@@ -119,7 +138,7 @@ mod on_gpu {
         ];
         let layout = attn_layout(2, 3, &segs);
         for head_dim in [64, 128, 256] {
-            for group in [1, 2, 3, 4, 5, 7, 8, 16] {
+            for group in pick(&[1, 2, 3, 4, 5, 7, 8, 16], &[1, 3, 8, 16]) {
                 let seed = (head_dim * 100 + group) as u64;
                 for opts in [
                     AttentionOptions::default(),
@@ -141,7 +160,7 @@ mod on_gpu {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(64))]
+        #![proptest_config(cases())]
         #[test]
         fn attention_random_layouts_on_gpu(
             (batch, kv_heads, segs) in (1usize..5, 1usize..9).prop_flat_map(|(b, h)| {
@@ -160,9 +179,10 @@ mod on_gpu {
     /// Prefill compression: every policy (uniform, per-row, AdaKV), granularity, dtype and
     /// head_dim on Llama-like groups, prompts long enough for the planner to split.
     fn select_every_policy<T: KvElem>(store: &GpuStore, head_dim: usize) {
-        for (group, granularity) in
-            [(4, Granularity::KvHead), (2, Granularity::QueryHead), (8, Granularity::KvHead)]
-        {
+        for (group, granularity) in pick(
+            &[(4, Granularity::KvHead), (2, Granularity::QueryHead), (8, Granularity::KvHead)],
+            &[(4, Granularity::KvHead), (2, Granularity::QueryHead)],
+        ) {
             let mut c = SelectCase {
                 batch: 2,
                 kv_heads: 2,
@@ -193,7 +213,7 @@ mod on_gpu {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(64))]
+        #![proptest_config(cases())]
         #[test]
         fn select_random_cases_on_gpu(case in case_strategy(3000)) {
             select_scenario::<_, bf16>(&store(), &case);
@@ -203,8 +223,9 @@ mod on_gpu {
     /// 128k-token rows (the target), random and all-tied.
     #[test]
     fn select_long_rows_on_gpu() {
-        long_rows::<_, bf16>(&store(), 131_072, 32, 1);
-        long_rows::<_, f16>(&store(), 140_000, 7, 2);
+        let (a, b) = if quick() { (32_768, 33_000) } else { (131_072, 140_000) };
+        long_rows::<_, bf16>(&store(), a, 32, 1);
+        long_rows::<_, f16>(&store(), b, 7, 2);
     }
 
     #[test]
@@ -284,7 +305,7 @@ mod on_gpu {
         use headwise::redundancy::RkvOptions;
         let store = store();
         for head_dim in [64, 128, 256] {
-            for (group, alpha) in [(1, 8), (4, 8), (7, 16)] {
+            for (group, alpha) in pick(&[(1, 8), (4, 8), (7, 16)], &[(4, 8), (7, 16)]) {
                 let case = RkvCase {
                     batch: 2,
                     kv_heads: 2,

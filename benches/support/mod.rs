@@ -1,10 +1,56 @@
 //! Shared by the GPU benches: the device's measured copy bandwidth (the floor every
-//! memory-bound kernel is compared with) and non-zero test data without a slow upload.
+//! memory-bound kernel is compared with), non-zero test data without a slow upload, the
+//! criterion settings, the quick size knob and the one parseable result line.
+//!
+//! Settings: each bench's defaults live in its `criterion_group!` config, so criterion's own
+//! flags (`--warm-up-time 0.5 --measurement-time 2 --sample-size 10`) override them.
+//! `HEADWISE_BENCH_QUICK=1` cuts each bench to a few sizes (scripts/gpu_pass.py sets it).
+//! Every case prints one line to stdout:
+//! `FLOOR kernel=K shape=S measured_us=M floor_us=F ratio=M/F basis=B [key=value ...]`,
+//! which the GPU pass runner and benches/peers/peers.py read (measured = median sample).
 #![allow(dead_code)]
 
+use criterion::Criterion;
 use cudarc::driver::CudaSlice;
 use headwise::{GpuStore, KvElem};
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+/// True when `HEADWISE_BENCH_QUICK` is set to anything but `0`: a few sizes per bench.
+pub fn quick() -> bool {
+    std::env::var("HEADWISE_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// `full`, or `quick` under [`quick`].
+pub fn sizes<T: Clone>(full: &[T], quick_set: &[T]) -> Vec<T> {
+    if quick() { quick_set.to_vec() } else { full.to_vec() }
+}
+
+/// A bench's default criterion settings (command-line flags override them).
+pub fn config(warm_up_ms: u64, measurement_ms: u64, samples: usize) -> Criterion {
+    Criterion::default()
+        .warm_up_time(Duration::from_millis(warm_up_ms))
+        .measurement_time(Duration::from_millis(measurement_ms))
+        .sample_size(samples)
+}
+
+/// Median of the per-iteration times of criterion's samples (seconds); NaN when none.
+pub fn median(samples: &mut [f64]) -> f64 {
+    if samples.is_empty() {
+        return f64::NAN;
+    }
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
+}
+
+/// The parseable result line (see the module doc). `extra`: shape parameters as `key=value`.
+pub fn floor_line(kernel: &str, shape: &str, measured_s: f64, floor_s: f64, basis: &str, extra: &str) {
+    println!(
+        "FLOOR kernel={kernel} shape={shape} measured_us={:.3} floor_us={:.3} ratio={:.3} basis={basis} {extra}",
+        measured_s * 1e6,
+        floor_s * 1e6,
+        measured_s / floor_s,
+    );
+}
 
 /// Device 0, or None after saying why the bench measures nothing.
 pub fn gpu_or_not_run(bench: &str) -> Option<GpuStore> {
