@@ -80,9 +80,9 @@ __device__ void attention_body(const HwAttentionParams& p) {
     const uint4* qv = row_vec(p.q, int64_t(s) * G, D);
     for (int i = tid; i < G * TPR; i += kAttnThreads) {
         float f[8];
-        unpack8<T>(qv[i], f);
+        unpack8<T>(ld_global(qv + i), f);
 #pragma unroll
-        for (int j = 0; j < 8; ++j) q_s[i * 8 + j] = f[j];
+        for (int j = 0; j < 8; ++j) st_shared(&q_s[i * 8 + j], f[j]);
     }
     __syncthreads();
 
@@ -101,8 +101,8 @@ __device__ void attention_body(const HwAttentionParams& p) {
         float k[8], v[8];
         if (valid) {
             const int64_t row = seg.row(t);
-            unpack8<T>(row_vec(p.k_cache, row, D)[col], k);
-            unpack8<T>(row_vec(p.v_cache, row, D)[col], v);
+            unpack8<T>(ld_global(row_vec(p.k_cache, row, D) + col), k);
+            unpack8<T>(ld_global(row_vec(p.v_cache, row, D) + col), v);
         }
 #pragma unroll
         for (int g = 0; g < GMAX; ++g) {
@@ -110,7 +110,7 @@ __device__ void attention_body(const HwAttentionParams& p) {
             float part = 0.0f;
             if (valid) {
 #pragma unroll
-                for (int j = 0; j < 8; ++j) part += q_s[g * D + col * 8 + j] * k[j];
+                for (int j = 0; j < 8; ++j) part += ld_shared(&q_s[g * D + col * 8 + j]) * k[j];
             }
             // Sum the row's TPR slices; all 32 lanes take part (TPR-lane groups are aligned).
 #pragma unroll
@@ -168,17 +168,17 @@ __device__ void attention_body(const HwAttentionParams& p) {
                 warp_d[warp] = dg;
             }
 #pragma unroll
-            for (int j = 0; j < 8; ++j) warp_acc[warp * D + col * 8 + j] = ag[j];
+            for (int j = 0; j < 8; ++j) st_shared(&warp_acc[warp * D + col * 8 + j], ag[j]);
         }
         __syncthreads();
         if (warp == 0 && sub == 0) {
             float M = warp_m[0], Dn = warp_d[0], A[8];
 #pragma unroll
-            for (int j = 0; j < 8; ++j) A[j] = warp_acc[col * 8 + j];
+            for (int j = 0; j < 8; ++j) A[j] = ld_shared(&warp_acc[col * 8 + j]);
             for (int w = 1; w < kAttnWarps; ++w) {
                 float A2[8];
 #pragma unroll
-                for (int j = 0; j < 8; ++j) A2[j] = warp_acc[w * D + col * 8 + j];
+                for (int j = 0; j < 8; ++j) A2[j] = ld_shared(&warp_acc[w * D + col * 8 + j]);
                 merge_state(M, Dn, A, warp_m[w], warp_d[w], A2);
             }
             const float inv = safe_inv(Dn);
@@ -189,13 +189,13 @@ __device__ void attention_body(const HwAttentionParams& p) {
             // Dn is 0 only for an empty state; NaN (a NaN logit) must reach the LSE.
             const float lse2 = Dn == 0.0f ? -INFINITY : M + log2f(Dn);
             if (n_splits == 1) {
-                row_vec(p.out, qh, D)[col] = pack8<T>(o);
-                if (p.lse != nullptr && col == 0) p.lse[qh] = lse2 * kLn2;
+                st_global(row_vec(p.out, qh, D) + col, pack8<T>(o));
+                if (p.lse != nullptr && col == 0) st_global(&p.lse[qh], lse2 * kLn2);
             } else {
                 float* po = p.partial_out + (qh * p.max_splits + split) * D + col * 8;
 #pragma unroll
-                for (int j = 0; j < 8; ++j) po[j] = o[j];
-                if (col == 0) p.partial_lse[qh * p.max_splits + split] = lse2;
+                for (int j = 0; j < 8; ++j) st_global(&po[j], o[j]);
+                if (col == 0) st_global(&p.partial_lse[qh * p.max_splits + split], lse2);
             }
         }
         __syncthreads();  // warp_* are reused for the next head
@@ -216,20 +216,21 @@ __device__ void attention_merge_body(const HwAttentionParams& p) {
     if (n_splits <= 1) return;  // written directly by the attention kernel
     const float* lse = p.partial_lse + qh * p.max_splits;
     float M = -INFINITY;
-    for (int c = 0; c < n_splits; ++c) M = fmaxf(M, lse[c]);
+    for (int c = 0; c < n_splits; ++c) M = fmaxf(M, ld_global(lse + c));
     float W = 0.0f, o[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     for (int c = 0; c < n_splits; ++c) {
-        const float w = lse[c] == -INFINITY ? 0.0f : exp2f(lse[c] - M);
+        const float lc = ld_global(lse + c);
+        const float w = lc == -INFINITY ? 0.0f : exp2f(lc - M);
         W += w;
         const float* po = p.partial_out + (qh * p.max_splits + c) * D + lane * 8;
 #pragma unroll
-        for (int j = 0; j < 8; ++j) o[j] += w * po[j];
+        for (int j = 0; j < 8; ++j) o[j] += w * ld_global(po + j);
     }
     const float inv = safe_inv(W);
 #pragma unroll
     for (int j = 0; j < 8; ++j) o[j] *= inv;
-    row_vec(p.out, qh, D)[lane] = pack8<T>(o);
-    if (p.lse != nullptr && lane == 0) p.lse[qh] = W == 0.0f ? -INFINITY : (M + log2f(W)) * kLn2;
+    st_global(row_vec(p.out, qh, D) + lane, pack8<T>(o));
+    if (p.lse != nullptr && lane == 0) st_global(&p.lse[qh], W == 0.0f ? -INFINITY : (M + log2f(W)) * kLn2);
 }
 
 }  // namespace hw
