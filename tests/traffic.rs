@@ -66,6 +66,13 @@ fn kv_once<T: KvElem>() {
         assert_eq!(s.watched_read_bytes, want, "G={group}: K/V bytes read");
         assert_eq!(s.watched_unique_bytes, want, "G={group}: some K/V byte read twice or never");
         let eff = s.watched_sector_efficiency();
+        eprintln!(
+            "{:?} G={group}: K/V {} B, sector eff {:.4}, total {:?}",
+            T::DTYPE,
+            s.watched_read_bytes,
+            eff,
+            s
+        );
         assert!(eff >= 0.9, "G={group}: K/V sector efficiency {eff}");
         // Unsplit: the output is written once, nothing else (no LSE requested).
         let heads = layout.segments().len() as u64 * group as u64;

@@ -4,8 +4,9 @@
 // What is counted: only the accesses kernels make through the counted helpers in cuda/vec.cuh
 // (hw::ld_global / hw::st_global for global memory, hw::ld_shared / hw::st_shared for shared
 // memory), which compile to the plain load/store under nvcc. Every kernel's hot-loop accesses go
-// through them; scalar metadata reads (segment lengths, offsets) mostly do not, and are not
-// counted. Each launch yields one record (kernel name and the sums below), kept per OS thread
+// through them (K/V rows, queries, outputs, partials, scores, keys, kept indices, staged tiles
+// and the smem loops over them). Not counted: WMMA load/store_matrix_sync on shared memory,
+// segment-table reads, per-row softmax stats (select_stats*), the radix histogram atomics. Each launch yields one record (kernel name and the sums below), kept per OS thread
 // until hw_emu_traffic_take.
 //
 // Warp-wide grouping (the modeling assumption): lanes do not run in lockstep here, so the k-th
@@ -14,7 +15,8 @@
 // exact for converged warps; in divergent loops with different trip counts per lane, accesses
 // are grouped by occurrence index, which can under- or over-merge.
 //   global: requests = warp-wide accesses; sectors = distinct 32-byte aligned segments covered
-//           by the active lanes' byte ranges; sector efficiency = bytes / (sectors * 32).
+//           by the active lanes' byte ranges; sector efficiency = bytes / (sectors * 32)
+//           (bytes count every lane, so lanes reading one address can push it above 1).
 //   shared: 32 banks of 4 bytes; a warp access takes as many wavefronts as the largest number
 //           of distinct 4-byte words mapped to one bank (the same word read by several lanes
 //           is a broadcast, not a conflict); ideal = max(1, ceil(distinct words / 32)), so
