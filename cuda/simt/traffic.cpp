@@ -177,6 +177,9 @@ void traffic_launch_end(bool ok) {
     if (!ok) return;  // a failed launch's counts are partial: drop them
     for (const Watch& w : tl_watch)
         for (uint32_t r : w.reads) tl_cur.watched_unique_bytes += r != 0;
+    // Bounded when nobody takes them (HEADWISE_EMU_TRAFFIC=1 over a whole test run): the
+    // oldest half goes at 65536 records.
+    if (tl_records.size() >= (size_t(1) << 16)) tl_records.erase(tl_records.begin(), tl_records.begin() + (1 << 15));
     tl_records.push_back(tl_cur);
 }
 

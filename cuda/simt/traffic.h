@@ -7,7 +7,8 @@
 // through them (K/V rows, queries, outputs, partials, scores, keys, kept indices, staged tiles
 // and the smem loops over them). Not counted: WMMA load/store_matrix_sync on shared memory,
 // segment-table reads, per-row softmax stats (select_stats*), the radix histogram atomics. Each launch yields one record (kernel name and the sums below), kept per OS thread
-// until hw_emu_traffic_take.
+// until hw_emu_traffic_take (at most 65536; the oldest half is dropped beyond that). A launch
+// that fails records nothing.
 //
 // Warp-wide grouping (the modeling assumption): lanes do not run in lockstep here, so the k-th
 // execution of a call site (file:line) by each lane of a warp (warp = linear thread id / 32)
