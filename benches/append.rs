@@ -17,7 +17,11 @@ const CONTEXT: u32 = 32 * 1024;
 const HEADROOM: u32 = 1024;
 
 fn bench(c: &mut Criterion) {
-    let Some(store) = support::gpu_or_not_run("append") else { return };
+    let gpu = support::gpu_or_not_run("append");
+    if support::emu_traffic_wanted(gpu.is_some()) {
+        emu_traffic();
+    }
+    let Some(store) = gpu else { return };
     let bw = support::copy_bandwidth(&store);
     eprintln!("device copy bandwidth: {:.0} GB/s (read + write)", bw / 1e9);
     let mut group = c.benchmark_group("append");
@@ -72,6 +76,29 @@ fn bench(c: &mut Criterion) {
         );
     }
     group.finish();
+}
+
+/// Emulator-mode memory traffic of one append at batch 8, 256-token segments, against the GPU
+/// line's floor (K and V rows read once and written once).
+fn emu_traffic() {
+    let store = headwise::EmuStore;
+    let batch = 8;
+    let mut b = LayoutBuilder::new(batch, KV_HEADS).headroom(4);
+    for s in 0..batch {
+        for h in 0..KV_HEADS {
+            b = b.full(s, h, 256);
+        }
+    }
+    let mut cache = LayerCache::<_, bf16>::new(&store, b.build().unwrap(), HEAD_DIM).unwrap();
+    let new = store.upload(&vec![bf16::from_f32(1.0); batch * KV_HEADS * HEAD_DIM]).unwrap();
+    let floor = (2 * 2 * batch * KV_HEADS * HEAD_DIM * 2) as u64;
+    let t = support::emu_traffic(|_| cache.append(&new, &new).unwrap());
+    support::print_emu_traffic(
+        "append",
+        &format!("batch{batch}_ctx256_kv{KV_HEADS}_d{HEAD_DIM}_bf16"),
+        floor,
+        &t,
+    );
 }
 
 criterion_group! {

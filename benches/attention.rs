@@ -17,7 +17,11 @@ const GROUP: usize = 4;
 const HEAD_DIM: usize = 128;
 
 fn bench(c: &mut Criterion) {
-    let Some(store) = support::gpu_or_not_run("attention") else { return };
+    let gpu = support::gpu_or_not_run("attention");
+    if support::emu_traffic_wanted(gpu.is_some()) {
+        emu_traffic();
+    }
+    let Some(store) = gpu else { return };
     let bw = support::copy_bandwidth(&store);
     eprintln!("device copy bandwidth: {:.0} GB/s (read + write)", bw / 1e9);
     let mut group = c.benchmark_group("attention");
@@ -100,6 +104,50 @@ fn bench(c: &mut Criterion) {
         );
     }
     group.finish();
+}
+
+/// Emulator-mode memory traffic at small shapes (same model dims, 1k-token contexts): bytes
+/// against the GPU line's floor (K and V rows in use read once, queries read, output written).
+fn emu_traffic() {
+    use headwise::EmuStore;
+    for (name, streaming) in [("full_ctx1k_b1", 0usize), ("rlkv_s0.5_ctx1k_b1", KV_HEADS / 2)] {
+        let size = StreamingSize::RLKV;
+        let mut lb = LayoutBuilder::new(1, KV_HEADS);
+        for h in 0..KV_HEADS {
+            lb = if h < streaming { lb.streaming(0, h, size.sink, size.window) } else { lb.full(0, h, 1024) };
+        }
+        let layout = lb.build().unwrap();
+        let segs: Vec<_> =
+            layout.segments().iter().map(|s| headwise::Segment { len: s.capacity, ..*s }).collect();
+        let layout = headwise::LayerLayout::new(1, KV_HEADS, layout.total_rows() as u64, segs).unwrap();
+        let heads = KV_HEADS * GROUP;
+        let floor = 2 * layout.rows_in_use() * HEAD_DIM as u64 * 2 + 2 * (heads * HEAD_DIM * 2) as u64;
+        let store = EmuStore;
+        let elems = layout.total_rows() * HEAD_DIM;
+        let k = store.upload(&vec![bf16::from_f32(0.5); elems]).unwrap();
+        let v = store.upload(&vec![bf16::from_f32(0.25); elems]).unwrap();
+        let cache = LayerCache::<_, bf16>::from_parts(&store, layout, HEAD_DIM, k, v).unwrap();
+        let q = store.upload(&vec![bf16::from_f32(0.1); heads * HEAD_DIM]).unwrap();
+        let mut out = store.zeros::<bf16>(heads * HEAD_DIM).unwrap();
+        let t = support::emu_traffic(|_| {
+            cache
+                .attention(
+                    &q,
+                    GROUP,
+                    &mut out,
+                    None,
+                    &mut AttentionWorkspace::new(),
+                    &AttentionOptions::default(),
+                )
+                .unwrap()
+        });
+        support::print_emu_traffic(
+            "attention",
+            &format!("{name}_kv{KV_HEADS}_g{GROUP}_d{HEAD_DIM}_bf16"),
+            floor,
+            &t,
+        );
+    }
 }
 
 criterion_group! {

@@ -18,7 +18,11 @@ const HEAD_DIM: usize = 128;
 const DATASHEET_BF16_TFLOPS: f64 = 989.0;
 
 fn bench(c: &mut Criterion) {
-    let Some(store) = support::gpu_or_not_run("redundancy") else { return };
+    let gpu = support::gpu_or_not_run("redundancy");
+    if support::emu_traffic_wanted(gpu.is_some()) {
+        emu_traffic();
+    }
+    let Some(store) = gpu else { return };
     let bw = support::copy_bandwidth(&store);
     eprintln!("device copy bandwidth: {:.0} GB/s (read + write)", bw / 1e9);
     let mut group = c.benchmark_group("redundancy");
@@ -109,6 +113,52 @@ fn bench(c: &mut Criterion) {
         }
     }
     group.finish();
+}
+
+/// Emulator-mode memory traffic of one R-KV step, Llama-3.1-8B-R1 heads at batch 1, budget 128
+/// (len = budget + buffer). The GPU line reports FLOPs, not bytes; the byte floor here is K read
+/// once plus the kept K/V rows read and written once per segment (the compaction).
+fn emu_traffic() {
+    use headwise::{EmuStore, Store};
+    let store = EmuStore;
+    let (kv_heads, g, budget) = (8usize, 4usize, 128usize);
+    let opts = RkvOptions::new(budget);
+    let len = budget + opts.buffer;
+    let mut lb = LayoutBuilder::new(1, kv_heads);
+    for h in 0..kv_heads {
+        lb = lb.full(0, h, len as u32);
+    }
+    let layout = lb.build().unwrap();
+    let elems = layout.total_rows() * HEAD_DIM;
+    let pattern =
+        |n: usize| (0..n).map(|i| bf16::from_f32(((i * 7919) % 61) as f32 / 61.0 - 0.5)).collect::<Vec<_>>();
+    let k = store.upload(&pattern(elems)).unwrap();
+    let v = store.upload(&pattern(elems)).unwrap();
+    let mut cache = LayerCache::<_, bf16>::from_parts(&store, layout, HEAD_DIM, k, v).unwrap();
+    let heads = kv_heads * g;
+    let mut ring = QueryRing::<_, bf16>::new(&store, heads, opts.alpha, HEAD_DIM).unwrap();
+    let q = store.upload(&pattern(heads * HEAD_DIM)).unwrap();
+    let push = support::emu_traffic(|_| ring.push(&q).unwrap());
+    support::print_emu_traffic(
+        "redundancy",
+        &format!("query_push_heads{heads}_d{HEAD_DIM}_bf16"),
+        2 * (heads * HEAD_DIM * 2) as u64,
+        &push,
+    );
+    for _ in 1..opts.alpha {
+        ring.push(&q).unwrap();
+    }
+    let mut ws = RkvWorkspace::new();
+    let t = support::emu_traffic(|_| {
+        evict(&mut cache, &ring, g, &opts, RkvTrigger::Threshold, &mut ws).unwrap();
+    });
+    let floor = (kv_heads * (len * HEAD_DIM * 2 + 2 * 2 * budget * HEAD_DIM * 2)) as u64;
+    support::print_emu_traffic(
+        "redundancy",
+        &format!("llama8b_r1_b1_budget{budget}_len{len}_d{HEAD_DIM}_bf16"),
+        floor,
+        &t,
+    );
 }
 
 criterion_group! {

@@ -46,7 +46,11 @@ fn headkv_importance() -> (Vec<f32>, &'static str) {
 }
 
 fn bench(c: &mut Criterion) {
-    let Some(store) = support::gpu_or_not_run("select") else { return };
+    let gpu = support::gpu_or_not_run("select");
+    if support::emu_traffic_wanted(gpu.is_some()) {
+        emu_traffic();
+    }
+    let Some(store) = gpu else { return };
     let bw = support::copy_bandwidth(&store);
     eprintln!("device copy bandwidth: {:.0} GB/s (read + write)", bw / 1e9);
     let (importance, source) = headkv_importance();
@@ -134,6 +138,52 @@ fn bench(c: &mut Criterion) {
         }
     }
     group.finish();
+}
+
+/// Emulator-mode memory traffic of one compression at a 1k-token prompt, budget 128, SnapKV
+/// and AdaKV, against the GPU line's floor (K read twice, kept K/V rows read and written once).
+fn emu_traffic() {
+    use headwise::{EmuStore, Store};
+    let store = EmuStore;
+    let q = 1024usize;
+    let elems = KV_HEADS * q * HEAD_DIM;
+    let pattern =
+        |n: usize| (0..n).map(|i| bf16::from_f32(((i * 7919) % 61) as f32 / 61.0 - 0.5)).collect::<Vec<_>>();
+    let k = store.upload(&pattern(elems)).unwrap();
+    let v = store.upload(&pattern(elems)).unwrap();
+    let queries = store.upload(&pattern(KV_HEADS * GROUP * WINDOW as usize * HEAD_DIM)).unwrap();
+    let prompt = Prompt {
+        k: &k,
+        v: &v,
+        queries: &queries,
+        batch: 1,
+        kv_heads: KV_HEADS,
+        group_size: GROUP,
+        q_len: q,
+        head_dim: HEAD_DIM,
+    };
+    let opts = SelectOptions { window: WINDOW as usize, pool_kernel: 7, ..SelectOptions::default() };
+    let budget = 128u32;
+    let snapkv = [budget; KV_HEADS];
+    for (policy, budgets) in
+        [("snapkv", Budgets::PerRow(&snapkv)), ("adakv", Budgets::AdaKv { base: budget, floor_alpha: 0.2 })]
+    {
+        let mut lb = LayoutBuilder::new(1, KV_HEADS).headroom(KV_HEADS as u32 * (budget - WINDOW) + WINDOW);
+        for h in 0..KV_HEADS {
+            lb = lb.full(0, h, 0);
+        }
+        let mut dest = LayerCache::<_, bf16>::new(&store, lb.build().unwrap(), HEAD_DIM).unwrap();
+        let mut ws = SelectWorkspace::new();
+        let t = support::emu_traffic(|_| compress_into(&mut dest, &prompt, budgets, &opts, &mut ws).unwrap());
+        let kept = dest.layout().rows_in_use() as usize;
+        let floor = (2 * elems * ELEM + 2 * 2 * kept * HEAD_DIM * ELEM) as u64;
+        support::print_emu_traffic(
+            "select",
+            &format!("{policy}_q1k_b{budget}_kv{KV_HEADS}_g{GROUP}_d{HEAD_DIM}_bf16"),
+            floor,
+            &t,
+        );
+    }
 }
 
 criterion_group! {

@@ -31,9 +31,9 @@ __device__ void append_body(const HwAppendParams& p) {
     uint4* v_dst = row_vec(p.v_cache, dst, HEAD_DIM);
     for (int i = lane; i < 2 * kVecsPerRow; i += 32) {
         if (i < kVecsPerRow) {
-            k_dst[i] = k_src[i];
+            st_global(k_dst + i, ld_global(k_src + i));
         } else {
-            v_dst[i - kVecsPerRow] = v_src[i - kVecsPerRow];
+            st_global(v_dst + (i - kVecsPerRow), ld_global(v_src + (i - kVecsPerRow)));
         }
     }
     // Every lane has read the old len/ring_head above; only then may one lane advance them.
@@ -59,8 +59,8 @@ __device__ void relayout_body(const HwRelayoutParams& p) {
     uint4* kd = row_vec(p.k_dst, dst, HEAD_DIM);
     uint4* vd = row_vec(p.v_dst, dst, HEAD_DIM);
     for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-        kd[i] = ks[i];
-        vd[i] = vs[i];
+        st_global(kd + i, ld_global(ks + i));
+        st_global(vd + i, ld_global(vs + i));
     }
 }
 

@@ -82,13 +82,13 @@ __device__ __forceinline__ void write_head(const HwAttentionParams& p, int64_t q
     // Dn is 0 only for an empty state; NaN (a NaN logit) must reach the LSE.
     const float lse2 = Dn == 0.0f ? -INFINITY : M + log2f(Dn);
     if (n_splits == 1) {
-        row_vec(p.out, qh, D)[col] = pack8<T>(o);
-        if (p.lse != nullptr && col == 0) p.lse[qh] = lse2 * kLn2;
+        st_global(row_vec(p.out, qh, D) + col, pack8<T>(o));
+        if (p.lse != nullptr && col == 0) st_global(&p.lse[qh], lse2 * kLn2);
     } else {
         float* po = p.partial_out + (qh * p.max_splits + split) * D + col * 8;
 #pragma unroll
-        for (int j = 0; j < 8; ++j) po[j] = o[j];
-        if (col == 0) p.partial_lse[qh * p.max_splits + split] = lse2;
+        for (int j = 0; j < 8; ++j) st_global(&po[j], o[j]);
+        if (col == 0) st_global(&p.partial_lse[qh * p.max_splits + split], lse2);
     }
 }
 
@@ -122,9 +122,9 @@ __device__ void attention_rows_body(const HwAttentionParams& p) {
     const uint4* qv = row_vec(p.q, int64_t(s) * G, D);
     for (int i = tid; i < G * TPR; i += kAttnThreads) {
         float f[8];
-        unpack8<T>(qv[i], f);
+        unpack8<T>(ld_global(qv + i), f);
 #pragma unroll
-        for (int j = 0; j < 8; ++j) q_s[i * 8 + j] = f[j];
+        for (int j = 0; j < 8; ++j) st_shared(&q_s[i * 8 + j], f[j]);
     }
     __syncthreads();
 
@@ -143,8 +143,8 @@ __device__ void attention_rows_body(const HwAttentionParams& p) {
         float k[8], v[8];
         if (valid) {
             const int64_t row = seg.row(t);
-            unpack8<T>(row_vec(p.k_cache, row, D)[col], k);
-            unpack8<T>(row_vec(p.v_cache, row, D)[col], v);
+            unpack8<T>(ld_global(row_vec(p.k_cache, row, D) + col), k);
+            unpack8<T>(ld_global(row_vec(p.v_cache, row, D) + col), v);
         }
 #pragma unroll
         for (int g = 0; g < GMAX; ++g) {
@@ -152,7 +152,7 @@ __device__ void attention_rows_body(const HwAttentionParams& p) {
             float part = 0.0f;
             if (valid) {
 #pragma unroll
-                for (int j = 0; j < 8; ++j) part += q_s[g * D + col * 8 + j] * k[j];
+                for (int j = 0; j < 8; ++j) part += ld_shared(&q_s[g * D + col * 8 + j]) * k[j];
             }
             // Sum the row's TPR slices; all 32 lanes take part (TPR-lane groups are aligned).
 #pragma unroll
@@ -194,17 +194,17 @@ __device__ void attention_rows_body(const HwAttentionParams& p) {
                 warp_d[warp] = dg;
             }
 #pragma unroll
-            for (int j = 0; j < 8; ++j) warp_acc[warp * D + col * 8 + j] = ag[j];
+            for (int j = 0; j < 8; ++j) st_shared(&warp_acc[warp * D + col * 8 + j], ag[j]);
         }
         __syncthreads();
         if (warp == 0 && sub == 0) {
             float M = warp_m[0], Dn = warp_d[0], A[8];
 #pragma unroll
-            for (int j = 0; j < 8; ++j) A[j] = warp_acc[col * 8 + j];
+            for (int j = 0; j < 8; ++j) A[j] = ld_shared(&warp_acc[col * 8 + j]);
             for (int w = 1; w < kAttnWarps; ++w) {
                 float A2[8];
 #pragma unroll
-                for (int j = 0; j < 8; ++j) A2[j] = warp_acc[w * D + col * 8 + j];
+                for (int j = 0; j < 8; ++j) A2[j] = ld_shared(&warp_acc[w * D + col * 8 + j]);
                 merge_state(M, Dn, A, warp_m[w], warp_d[w], A2);
             }
             write_head<T, D>(p, int64_t(s) * G + g, split, n_splits, col, M, Dn, A);
@@ -249,9 +249,9 @@ __device__ void attention_tiled_body(const HwAttentionParams& p) {
     const uint4* qv = row_vec(p.q, int64_t(s) * G, D);
     for (int i = tid; i < G * TPR; i += kAttnThreads) {
         float f[8];
-        unpack8<T>(qv[i], f);
+        unpack8<T>(ld_global(qv + i), f);
 #pragma unroll
-        for (int j = 0; j < 8; ++j) q_s[i * 8 + j] = f[j];
+        for (int j = 0; j < 8; ++j) st_shared(&q_s[i * 8 + j], f[j]);
     }
 
     float m[HPW], d[HPW], acc[HPW][8];
@@ -268,8 +268,8 @@ __device__ void attention_tiled_body(const HwAttentionParams& p) {
         const int64_t t = base + tid / TPR;
         if (t < end) {
             const int64_t row = seg.row(int32_t(t));
-            k_s[tid] = row_vec(p.k_cache, row, D)[tid % TPR];
-            v_s[tid] = row_vec(p.v_cache, row, D)[tid % TPR];
+            st_shared(&k_s[tid], ld_global(row_vec(p.k_cache, row, D) + tid % TPR));
+            st_shared(&v_s[tid], ld_global(row_vec(p.v_cache, row, D) + tid % TPR));
         }
         __syncthreads();
 #pragma unroll
@@ -278,8 +278,8 @@ __device__ void attention_tiled_body(const HwAttentionParams& p) {
             const bool valid = base + r < end;
             float k[8], v[8];
             if (valid) {
-                unpack8<T>(k_s[r * TPR + col], k);
-                unpack8<T>(v_s[r * TPR + col], v);
+                unpack8<T>(ld_shared(&k_s[r * TPR + col]), k);
+                unpack8<T>(ld_shared(&v_s[r * TPR + col]), v);
             }
 #pragma unroll
             for (int h = 0; h < HPW; ++h) {
@@ -288,7 +288,7 @@ __device__ void attention_tiled_body(const HwAttentionParams& p) {
                 float part = 0.0f;
                 if (valid) {
 #pragma unroll
-                    for (int j = 0; j < 8; ++j) part += q_s[g * D + col * 8 + j] * k[j];
+                    for (int j = 0; j < 8; ++j) part += ld_shared(&q_s[g * D + col * 8 + j]) * k[j];
                 }
 #pragma unroll
                 for (int off = TPR / 2; off > 0; off /= 2) part += __shfl_xor_sync(0xffffffffu, part, off);
@@ -339,20 +339,21 @@ __device__ void attention_merge_body(const HwAttentionParams& p) {
     if (n_splits <= 1) return;  // written directly by the attention kernel
     const float* lse = p.partial_lse + qh * p.max_splits;
     float M = -INFINITY;
-    for (int c = 0; c < n_splits; ++c) M = fmaxf(M, lse[c]);
+    for (int c = 0; c < n_splits; ++c) M = fmaxf(M, ld_global(lse + c));
     float W = 0.0f, o[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     for (int c = 0; c < n_splits; ++c) {
-        const float w = lse[c] == -INFINITY ? 0.0f : exp2f(lse[c] - M);
+        const float lc = ld_global(lse + c);
+        const float w = lc == -INFINITY ? 0.0f : exp2f(lc - M);
         W += w;
         const float* po = p.partial_out + (qh * p.max_splits + c) * D + lane * 8;
 #pragma unroll
-        for (int j = 0; j < 8; ++j) o[j] += w * po[j];
+        for (int j = 0; j < 8; ++j) o[j] += w * ld_global(po + j);
     }
     const float inv = safe_inv(W);
 #pragma unroll
     for (int j = 0; j < 8; ++j) o[j] *= inv;
-    row_vec(p.out, qh, D)[lane] = pack8<T>(o);
-    if (p.lse != nullptr && lane == 0) p.lse[qh] = W == 0.0f ? -INFINITY : (M + log2f(W)) * kLn2;
+    st_global(row_vec(p.out, qh, D) + lane, pack8<T>(o));
+    if (p.lse != nullptr && lane == 0) st_global(&p.lse[qh], W == 0.0f ? -INFINITY : (M + log2f(W)) * kLn2);
 }
 
 }  // namespace hw

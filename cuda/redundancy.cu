@@ -75,8 +75,8 @@ __device__ void rkv_importance_body(const HwRkvParams& p) {
                 if (tid < cnt) {
                     const int rows = min(kSlabRows, R - r0);
                     for (int r = 0; r < rows; ++r) {
-                        float& acc = red_s[((r0 + r) % nq) * TOK + tid];
-                        acc = fmaxf(acc, logit_s[r * TOK + tid] * p.scale_log2);
+                        float* acc = &red_s[((r0 + r) % nq) * TOK + tid];
+                        st_shared(acc, fmaxf(ld_shared(acc), ld_shared(&logit_s[r * TOK + tid]) * p.scale_log2));
                     }
                 }
             }
@@ -85,9 +85,11 @@ __device__ void rkv_importance_body(const HwRkvParams& p) {
                 float tm = -INFINITY, tl = 0.0f;
                 if (t_own < nq) {
                     const float* rr = red_s + t_own * TOK;
-                    for (int c = part; c < cnt; c += kLanesPerQuery) tm = fmaxf(tm, rr[c]);
-                    for (int c = part; c < cnt; c += kLanesPerQuery)
-                        tl += rr[c] == -INFINITY ? 0.0f : exp2f(rr[c] - tm);
+                    for (int c = part; c < cnt; c += kLanesPerQuery) tm = fmaxf(tm, ld_shared(rr + c));
+                    for (int c = part; c < cnt; c += kLanesPerQuery) {
+                        const float x = ld_shared(rr + c);
+                        tl += x == -INFINITY ? 0.0f : exp2f(x - tm);
+                    }
                 }
 #pragma unroll
                 for (int off = 1; off < kLanesPerQuery; off <<= 1) {
@@ -98,8 +100,8 @@ __device__ void rkv_importance_body(const HwRkvParams& p) {
                 merge_softmax(m, l, tm, tl);
             } else if (tid < cnt) {
                 float a = 0.0f;
-                for (int t = 0; t < nq; ++t) a += exp2f(red_s[t * TOK + tid] - m_s[t]) / l_s[t];
-                a_out[t0 + tid] = a / float(nq);
+                for (int t = 0; t < nq; ++t) a += exp2f(ld_shared(&red_s[t * TOK + tid]) - m_s[t]) / l_s[t];
+                st_global(&a_out[t0 + tid], a / float(nq));
             }
         }
         // Read by pass 2 after the barrier at the top of its first tile.
@@ -120,11 +122,11 @@ __device__ void rkv_norms_body(const HwRkvParams& p) {
     float ss = 0.0f;
     for (int v = 0; v < D / kElemsPerVec; ++v) {
         float x[8];
-        unpack8<T>(row[v], x);
+        unpack8<T>(ld_global(row + v), x);
 #pragma unroll
         for (int e = 0; e < 8; ++e) ss += x[e] * x[e];
     }
-    p.inv_norm[int64_t(tgt) * p.max_len + j] = 1.0f / (sqrtf(ss) + kNormEps);
+    st_global(&p.inv_norm[int64_t(tgt) * p.max_len + j], 1.0f / (sqrtf(ss) + kNormEps));
 }
 
 template <typename T, int D>
@@ -168,11 +170,11 @@ __device__ void rkv_similarity_body(const HwRkvParams& p) {
             const int32_t j = t0 + tid;
             float sum = 0.0f;
             for (int r = 0; r < rows; ++r) {
-                const float sv = i0 + r == j ? 0.0f : logit_s[r * TOK + tid] * inv_r[r] * inv_c[tid];
-                logit_s[r * TOK + tid] = sv;
+                const float sv = i0 + r == j ? 0.0f : ld_shared(&logit_s[r * TOK + tid]) * inv_r[r] * inv_c[tid];
+                st_shared(&logit_s[r * TOK + tid], sv);
                 sum += sv;
             }
-            col_out[j] = sum;
+            st_global(&col_out[j], sum);
         }
         __syncthreads();
         // Row pass: columns ascend, so the last similar column a lane sees is its most recent.
@@ -246,22 +248,22 @@ __device__ void rkv_select_body(const HwRkvParams& p) {
     float mx = -INFINITY;
     for (int32_t j = tid; j < L; j += kTopThreads) {
         float sum = 0.0f;
-        for (int t = 0; t < tiles_used; ++t) sum += p.col_partial[(int64_t(tgt) * tiles_all + t) * p.max_len + j];
-        cm[j] = sum / float(L);
-        mx = fmaxf(mx, cm[j]);
+        for (int t = 0; t < tiles_used; ++t) sum += ld_global(&p.col_partial[(int64_t(tgt) * tiles_all + t) * p.max_len + j]);
+        st_global(&cm[j], sum / float(L));
+        mx = fmaxf(mx, sum / float(L));
     }
     mx = block_reduce(mx, [](float a, float b) { return fmaxf(a, b); });
     float se = 0.0f;
-    for (int32_t j = tid; j < L; j += kTopThreads) se += expf(cm[j] - mx);
+    for (int32_t j = tid; j < L; j += kTopThreads) se += expf(ld_global(cm + j) - mx);
     se = block_reduce(se, [](float a, float b) { return a + b; });
 
     const float* imp = p.importance + base;
     const int32_t r = p.pool_kernel / 2;
     for (int32_t j = tid; j < n; j += kTopThreads) {
         float a = -INFINITY;
-        for (int32_t i = max(0, j - r); i <= min(n - 1, j + r); ++i) a = fmaxf(a, imp[i]);
-        const float red = expf(cm[j] - mx) / se;
-        p.keys[base + j] = order_key(p.lambda * a - (1.0f - p.lambda) * red);
+        for (int32_t i = max(0, j - r); i <= min(n - 1, j + r); ++i) a = fmaxf(a, ld_global(imp + i));
+        const float red = expf(ld_global(cm + j) - mx) / se;
+        st_global(&p.keys[base + j], order_key(p.lambda * a - (1.0f - p.lambda) * red));
     }
     __syncthreads();  // keys complete before the selection reads them
 
@@ -281,14 +283,14 @@ __device__ void rkv_select_body(const HwRkvParams& p) {
         uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
         if (live) {
             const int64_t from = seg.row(kept[rr]);
-            kv = row_vec(p.k_cache, from, D)[c];
-            vv = row_vec(p.v_cache, from, D)[c];
+            kv = ld_global(row_vec(p.k_cache, from, D) + c);
+            vv = ld_global(row_vec(p.v_cache, from, D) + c);
         }
         __syncthreads();
         if (live) {
             const int64_t to = seg.row(rr);
-            row_vec(p.k_cache, to, D)[c] = kv;
-            row_vec(p.v_cache, to, D)[c] = vv;
+            st_global(row_vec(p.k_cache, to, D) + c, kv);
+            st_global(row_vec(p.v_cache, to, D) + c, vv);
         }
         __syncthreads();
     }
@@ -302,7 +304,7 @@ __device__ void query_push_body(const HwQueryPushParams& p) {
     if (idx >= int64_t(p.heads) * VPR) return;
     const int64_t h = idx / VPR;
     const int c = int(idx % VPR);
-    row_vec(p.ring, h * p.alpha + p.slot, D)[c] = row_vec(p.q, h, D)[c];
+    st_global(row_vec(p.ring, h * p.alpha + p.slot, D) + c, ld_global(row_vec(p.q, h, D) + c));
 }
 
 }  // namespace hw

@@ -99,9 +99,9 @@ __device__ void select_stats_body(const HwSelectParams& p) {
                 // Causal inside the window: query i (position n + i) sees keys t <= n + i.
                 const int32_t lim = int32_t(min(int64_t(t_end), int64_t(n) + rr % W + 1));
                 const float* lr = logit_s + row * TOK;
-                for (int32_t c = part; t0 + c < lim; c += kThreadsPerRow) m = fmaxf(m, lr[c] * p.scale_log2);
+                for (int32_t c = part; t0 + c < lim; c += kThreadsPerRow) m = fmaxf(m, ld_shared(lr + c) * p.scale_log2);
                 for (int32_t c = part; t0 + c < lim; c += kThreadsPerRow) {
-                    const float x = lr[c] * p.scale_log2;
+                    const float x = ld_shared(lr + c) * p.scale_log2;
                     l += x == -INFINITY ? 0.0f : exp2f(x - m);
                 }
             }
@@ -179,8 +179,9 @@ __device__ void select_score_body(const HwSelectParams& p) {
             if (tid < TOK && t0 + tid < t_end) {
                 const int rows = min(kSlabRows, R - r0);
                 for (int r = 0; r < rows; ++r) {
-                    const float x = logit_s[r * TOK + tid] * p.scale_log2;
-                    acc_s[((r0 + r) / W) * TOK + tid] += exp2f(x - m_s[r]) / l_s[r];
+                    const float x = ld_shared(&logit_s[r * TOK + tid]) * p.scale_log2;
+                    float* a = &acc_s[((r0 + r) / W) * TOK + tid];
+                    st_shared(a, ld_shared(a) + exp2f(x - m_s[r]) / l_s[r]);
                 }
             }
         }
@@ -188,14 +189,14 @@ __device__ void select_score_body(const HwSelectParams& p) {
             const int32_t t = t0 + tid;
             if (p.per_query_head) {
                 for (int g = 0; g < G; ++g)
-                    p.scores[(int64_t(s) * G + g) * n + t] = acc_s[g * TOK + tid] / float(W);
+                    st_global(&p.scores[(int64_t(s) * G + g) * n + t], ld_shared(&acc_s[g * TOK + tid]) / float(W));
             } else {
                 float red = p.gqa_mode == HW_GQA_MAX ? -INFINITY : 0.0f;
                 for (int g = 0; g < G; ++g) {
-                    const float v = acc_s[g * TOK + tid] / float(W);
+                    const float v = ld_shared(&acc_s[g * TOK + tid]) / float(W);
                     red = p.gqa_mode == HW_GQA_MAX ? fmaxf(red, v) : red + v;
                 }
-                p.scores[int64_t(s) * n + t] = p.gqa_mode == HW_GQA_MAX ? red : red / float(G);
+                st_global(&p.scores[int64_t(s) * n + t], p.gqa_mode == HW_GQA_MAX ? red : red / float(G));
             }
         }
     }
@@ -218,13 +219,13 @@ __device__ void select_pool_body(const HwSelectParams& p) {
     float v;
     if (p.pool_mode == HW_POOL_MAX) {
         v = -INFINITY;
-        for (int32_t j = lo; j <= hi; ++j) v = fmaxf(v, sc[j]);
+        for (int32_t j = lo; j <= hi; ++j) v = fmaxf(v, ld_global(sc + j));
     } else {
         v = 0.0f;
-        for (int32_t j = lo; j <= hi; ++j) v += sc[j];
+        for (int32_t j = lo; j <= hi; ++j) v += ld_global(sc + j);
         v /= float(p.pool_kernel);
     }
-    p.keys[idx] = order_key(v);
+    st_global(&p.keys[idx], order_key(v));
 }
 
 // One block per score row: keep min(budget, q) positions, ascending.
@@ -292,13 +293,13 @@ __device__ void select_gather_body(const HwSelectParams& p) {
     // Not unrolled: ptxas's unrolled copy of this loop kept a 16-byte stack frame at head_dim 64.
 #pragma unroll 1
     for (int64_t r = int64_t(blockIdx.y) * kSelWarps + warp; r < seg.len; r += int64_t(gridDim.y) * kSelWarps) {
-        const int64_t from = int64_t(src) * p.q_len + kept[r];
+        const int64_t from = int64_t(src) * p.q_len + ld_global(kept + r);
         const int64_t to = seg.row(int32_t(r));
         for (int i = lane; i < 2 * VPR; i += 32) {
             if (i < VPR) {
-                row_vec(p.k_cache, to, D)[i] = row_vec(p.k, from, D)[i];
+                st_global(row_vec(p.k_cache, to, D) + i, ld_global(row_vec(p.k, from, D) + i));
             } else {
-                row_vec(p.v_cache, to, D)[i - VPR] = row_vec(p.v, from, D)[i - VPR];
+                st_global(row_vec(p.v_cache, to, D) + (i - VPR), ld_global(row_vec(p.v, from, D) + (i - VPR)));
             }
         }
     }

@@ -24,8 +24,8 @@ __device__ __forceinline__ void stage_rows(const void* base, int count, RowOf ro
     for (int v = threadIdx.x; v < ROWS * VPR; v += THREADS) {
         const int r = v / VPR, c = v % VPR;
         uint4 val = make_uint4(0, 0, 0, 0);
-        if (r < count) val = row_vec(base, row_of(r), D)[c];
-        reinterpret_cast<uint4*>(dst)[v] = val;
+        if (r < count) val = ld_global(row_vec(base, row_of(r), D) + c);
+        st_shared(reinterpret_cast<uint4*>(dst) + v, val);
     }
 }
 

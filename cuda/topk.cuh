@@ -4,6 +4,7 @@
 // index. Only integer atomics and fixed-order scans: deterministic.
 #pragma once
 #include "compat.cuh"
+#include "vec.cuh"
 
 namespace hw {
 
@@ -60,7 +61,7 @@ __device__ inline Threshold radix_threshold(const uint32_t* keys, int64_t N, int
         for (int i = threadIdx.x; i < 256; i += kTopThreads) hist[i] = 0;
         __syncthreads();
         for (int64_t i = threadIdx.x; i < N; i += kTopThreads) {
-            const uint32_t key = keys[i];
+            const uint32_t key = ld_global(keys + i);
             if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
         }
         __syncthreads();
@@ -91,7 +92,7 @@ __device__ inline void write_selected(const uint32_t* keys, int64_t N, Threshold
     int64_t gt_carry = 0, eq_carry = 0;
     for (int64_t base = 0; base < N; base += kTopThreads) {
         const int64_t t = base + threadIdx.x;
-        const uint32_t key = t < N ? keys[t] : 0u;
+        const uint32_t key = t < N ? ld_global(keys + t) : 0u;
         const bool gt = t < N && key > th.key, eq = t < N && key == th.key;
         uint32_t total;
         const uint32_t ex = block_exclusive_scan((uint32_t(gt) << 16) | uint32_t(eq), total);

@@ -174,3 +174,155 @@ pub(crate) unsafe fn run_entry(
         .unwrap_or_else(|_| String::from_utf8_lossy(bytes).into_owned());
     Err(Error::Emulator { kernel: name, message })
 }
+
+/// One emulator launch's memory traffic (see `cuda/simt/traffic.h` for the model): global
+/// bytes requested through the counted helpers, the 32-byte sectors the warp-wide accesses
+/// touch, and shared-memory wavefronts against the conflict-free ideal.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LaunchTraffic {
+    /// Kernel name (`hw_...`).
+    pub kernel: String,
+    /// Global bytes read.
+    pub read_bytes: u64,
+    /// Global bytes written.
+    pub write_bytes: u64,
+    /// Warp-wide global accesses (reads and writes).
+    pub requests: u64,
+    /// Distinct 32-byte sectors summed over the warp-wide global accesses.
+    pub sectors: u64,
+    /// Shared-memory bytes accessed (loads and stores).
+    pub smem_bytes: u64,
+    /// Warp-wide shared-memory accesses.
+    pub smem_requests: u64,
+    /// Shared-memory wavefronts (bank-conflict replays included).
+    pub smem_wavefronts: u64,
+    /// Wavefronts the same accesses would take without bank conflicts.
+    pub smem_ideal_wavefronts: u64,
+    /// Global bytes read inside the watched ranges ([`EmuStore::traffic_watch`]).
+    pub watched_read_bytes: u64,
+    /// Distinct watched bytes read at least once.
+    pub watched_unique_bytes: u64,
+    /// Warp-wide reads whose first lane falls in a watched range.
+    pub watched_requests: u64,
+    /// Sectors of those reads.
+    pub watched_sectors: u64,
+}
+
+impl LaunchTraffic {
+    /// Bytes requested / (sectors * 32): 1.0 when every touched sector is fully used.
+    pub fn sector_efficiency(&self) -> f64 {
+        ratio(self.read_bytes + self.write_bytes, self.sectors * 32)
+    }
+    /// Sector efficiency of the watched reads alone.
+    pub fn watched_sector_efficiency(&self) -> f64 {
+        ratio(self.watched_read_bytes, self.watched_sectors * 32)
+    }
+    /// Shared-memory wavefronts / ideal wavefronts: 1.0 without bank conflicts.
+    pub fn smem_conflict(&self) -> f64 {
+        if self.smem_ideal_wavefronts == 0 {
+            1.0
+        } else {
+            ratio(self.smem_wavefronts, self.smem_ideal_wavefronts)
+        }
+    }
+    /// The sum of several launches' counts (kernel: the first one's).
+    pub fn sum(records: &[LaunchTraffic]) -> LaunchTraffic {
+        let mut t = LaunchTraffic {
+            kernel: records.first().map_or(String::new(), |r| r.kernel.clone()),
+            ..Default::default()
+        };
+        for r in records {
+            t.read_bytes += r.read_bytes;
+            t.write_bytes += r.write_bytes;
+            t.requests += r.requests;
+            t.sectors += r.sectors;
+            t.smem_bytes += r.smem_bytes;
+            t.smem_requests += r.smem_requests;
+            t.smem_wavefronts += r.smem_wavefronts;
+            t.smem_ideal_wavefronts += r.smem_ideal_wavefronts;
+            t.watched_read_bytes += r.watched_read_bytes;
+            t.watched_unique_bytes += r.watched_unique_bytes;
+            t.watched_requests += r.watched_requests;
+            t.watched_sectors += r.watched_sectors;
+        }
+        t
+    }
+}
+
+fn ratio(a: u64, b: u64) -> f64 {
+    if b == 0 { 0.0 } else { a as f64 / b as f64 }
+}
+
+/// `HwTrafficRecord` in `cuda/simt/traffic.h`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct HwTrafficRecord {
+    kernel: *const core::ffi::c_char,
+    v: [u64; 12],
+}
+
+unsafe extern "C" {
+    fn hw_emu_traffic_enable(on: i32);
+    fn hw_emu_traffic_take(out: *mut HwTrafficRecord, cap: usize) -> usize;
+    fn hw_emu_traffic_watch(addr: *const core::ffi::c_void, len: u64);
+    fn hw_emu_traffic_unwatch_all();
+}
+
+/// Memory-traffic counting (off by default; `HEADWISE_EMU_TRAFFIC=1` turns it on for every
+/// thread that has not chosen). State is per OS thread: the launches this thread makes.
+impl EmuStore {
+    /// Counts (`Some(true)`) or does not count (`Some(false)`) this thread's launches; `None`
+    /// follows `HEADWISE_EMU_TRAFFIC` again.
+    pub fn traffic_enable(&self, on: Option<bool>) {
+        // SAFETY: sets a thread-local flag.
+        unsafe { hw_emu_traffic_enable(on.map_or(-1, i32::from)) }
+    }
+
+    /// The counts of this thread's counted launches since the last call, oldest first.
+    pub fn take_traffic(&self) -> Vec<LaunchTraffic> {
+        // SAFETY: cap 0 only returns the count.
+        let n = unsafe { hw_emu_traffic_take(std::ptr::null_mut(), 0) };
+        let mut raw = vec![HwTrafficRecord { kernel: std::ptr::null(), v: [0; 12] }; n];
+        // SAFETY: raw holds n records; the thread's record list cannot grow in between.
+        unsafe { hw_emu_traffic_take(raw.as_mut_ptr(), n) };
+        raw.iter()
+            .take(n)
+            .map(|r| {
+                let kernel = if r.kernel.is_null() {
+                    String::new()
+                } else {
+                    // SAFETY: the emulator's kernel names are NUL-terminated string literals.
+                    unsafe { CStr::from_ptr(r.kernel) }.to_string_lossy().into_owned()
+                };
+                let v = r.v;
+                LaunchTraffic {
+                    kernel,
+                    read_bytes: v[0],
+                    write_bytes: v[1],
+                    requests: v[2],
+                    sectors: v[3],
+                    smem_bytes: v[4],
+                    smem_requests: v[5],
+                    smem_wavefronts: v[6],
+                    smem_ideal_wavefronts: v[7],
+                    watched_read_bytes: v[8],
+                    watched_unique_bytes: v[9],
+                    watched_requests: v[10],
+                    watched_sectors: v[11],
+                }
+            })
+            .collect()
+    }
+
+    /// Also sums this thread's counted reads that fall in `buf` (the `watched_*` fields).
+    pub fn traffic_watch<T: Elem>(&self, buf: &EmuBuf<T>) {
+        // SAFETY: records an address range; nothing is dereferenced.
+        unsafe { hw_emu_traffic_watch(buf.ptr.as_ptr().cast(), (buf.len * size_of::<T>()) as u64) }
+    }
+
+    /// Forgets every watched range of this thread.
+    pub fn traffic_unwatch_all(&self) {
+        // SAFETY: clears a thread-local list.
+        unsafe { hw_emu_traffic_unwatch_all() }
+    }
+}

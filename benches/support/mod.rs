@@ -98,3 +98,55 @@ pub fn filled<T: KvElem>(store: &GpuStore, n: usize) -> CudaSlice<T> {
     }
     out
 }
+
+/// Whether to print the emulator's memory-traffic lines: always without a GPU, and with one
+/// when `HEADWISE_EMU_TRAFFIC` is set (not "0").
+pub fn emu_traffic_wanted(gpu: bool) -> bool {
+    !gpu || std::env::var("HEADWISE_EMU_TRAFFIC").is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// Runs `f` on the emulator with traffic counting on; returns its launches' counts.
+pub fn emu_traffic(f: impl FnOnce(&headwise::EmuStore)) -> Vec<headwise::emu::LaunchTraffic> {
+    let store = headwise::EmuStore;
+    store.traffic_enable(Some(true));
+    let _ = store.take_traffic();
+    f(&store);
+    let t = store.take_traffic();
+    store.traffic_enable(None);
+    t
+}
+
+/// Prints the emulator-mode traffic of one operation: one `EMU-TRAFFIC` line for the sum over
+/// its launches against the bench's byte floor, then one `EMU-TRAFFIC-KERNEL` line per kernel.
+pub fn print_emu_traffic(bench: &str, shape: &str, floor_bytes: u64, t: &[headwise::emu::LaunchTraffic]) {
+    use headwise::emu::LaunchTraffic;
+    let mut kernels: Vec<String> = Vec::new();
+    for r in t {
+        if !kernels.contains(&r.kernel) {
+            kernels.push(r.kernel.clone());
+        }
+    }
+    let line = |label: &str, kernel: &str, s: &LaunchTraffic, floor: Option<u64>| {
+        let bytes = s.read_bytes + s.write_bytes;
+        let floor =
+            floor.map_or("-".to_string(), |f| format!("{f} bytes/floor={:.3}", bytes as f64 / f as f64));
+        eprintln!(
+            "{label} (emulator, not GPU) bench={bench} kernel={kernel} shape={shape} bytes={bytes} \
+             (read={} write={}) floor_bytes={floor} sector_eff={:.1}% smem_conflict={:.2}x \
+             (wavefronts {} / ideal {})",
+            s.read_bytes,
+            s.write_bytes,
+            100.0 * s.sector_efficiency(),
+            s.smem_conflict(),
+            s.smem_wavefronts,
+            s.smem_ideal_wavefronts,
+        );
+    };
+    line("EMU-TRAFFIC", &kernels.join("+"), &LaunchTraffic::sum(t), Some(floor_bytes));
+    if kernels.len() > 1 {
+        for k in &kernels {
+            let mine: Vec<LaunchTraffic> = t.iter().filter(|r| &r.kernel == k).cloned().collect();
+            line("EMU-TRAFFIC-KERNEL", k, &LaunchTraffic::sum(&mine), None);
+        }
+    }
+}

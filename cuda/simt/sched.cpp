@@ -27,6 +27,7 @@
 
 #include "fiber.h"
 #include "simt.h"
+#include "traffic.h"
 
 uint3 threadIdx;
 uint3 blockIdx;
@@ -941,7 +942,9 @@ int launch(const char* kernel, KernelBody body, const void* params, uint32_t max
     E.failed = false;
     E.message[0] = '\0';
     E.dyn_smem = nullptr;
+    traffic_launch_begin(kernel);
     const bool ok = configure(body, params, max_block_threads, launch) && run_grid();
+    traffic_launch_end(ok);
     std::free(E.dyn_smem);
     E.dyn_smem = nullptr;
     E.current = nullptr;

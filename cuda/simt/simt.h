@@ -29,6 +29,7 @@
 #include "intrinsics.h"
 #include "runtime.h"
 #include "sync.h"
+#include "traffic.h"
 #include "types.h"
 #include "wmma.h"
 
