@@ -13,6 +13,11 @@ use std::alloc::{Layout, alloc_zeroed, dealloc};
 use std::ffi::CStr;
 use std::ptr::NonNull;
 
+unsafe extern "C" {
+    /// The emulator's MAX_DYNAMIC_SHARED_SIZE_BYTES opt-in (`cuda/simt/adversarial.h`).
+    fn hw_simt_func_set_max_dynamic_shared(name: *const core::ffi::c_char, len: usize, bytes: u32);
+}
+
 /// Signature of every emulator entry point (`hw_emu_<kernel>`).
 pub(crate) type EmuEntry =
     unsafe extern "C" fn(*const core::ffi::c_void, *const HwLaunch, *mut HwEmuError) -> i32;
@@ -131,6 +136,14 @@ impl Store for EmuStore {
             kernel: name,
             message: "no such kernel in the emulator library".into(),
         })?;
+        if cfg.dyn_smem_bytes > 48 * 1024 {
+            // What the CUDA launcher does with CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+            // (src/gpu.rs); HEADWISE_EMU_ADVERSARIAL=smem_optin refuses the launch without it.
+            // SAFETY: name is valid for name.len() bytes; the emulator copies it.
+            unsafe {
+                hw_simt_func_set_max_dynamic_shared(name.as_ptr().cast(), name.len(), cfg.dyn_smem_bytes)
+            };
+        }
         // SAFETY: run_entry's contract is this function's contract.
         unsafe { run_entry(name, entry, cfg, (params as *const P).cast()) }
     }

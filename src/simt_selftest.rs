@@ -16,6 +16,31 @@ unsafe extern "C" {
     fn hw_simt_selftest_shared_overrun(message: *mut c_char, message_len: usize) -> i32;
     fn hw_simt_set_thread_schedule(spec: *const c_char, message: *mut c_char, message_len: usize) -> i32;
     fn hw_simt_built_with_asan() -> i32;
+    fn hw_simt_selftest_adversarial(
+        mode: *const c_char,
+        on: i32,
+        message: *mut c_char,
+        message_len: usize,
+    ) -> i32;
+}
+
+/// The adversarial modes (`cuda/simt/adversarial.h`, `HEADWISE_EMU_ADVERSARIAL`), each with a
+/// planted bug in `cuda/simt/adversarial_selftest.cu` that only the mode exposes.
+pub const ADVERSARIAL_MODES: &[&str] = &["wmma", "masks", "its", "poison", "smem_optin"];
+
+/// Runs the planted bug of adversarial mode `mode` with that mode alone on (`on`) or every mode
+/// off, whatever the environment says, under the calling thread's schedule: `Ok` when the
+/// kernel's results came out right, `Err` with the emulator's report or the first wrong result.
+pub fn adversarial(mode: &str, on: bool) -> Result<(), String> {
+    let mode_c = c_string(mode)?;
+    // SAFETY: mode_c is NUL-terminated; the buffer pointer and length come from `call`.
+    let (status, message) =
+        call(|buf, len| unsafe { hw_simt_selftest_adversarial(mode_c.as_ptr(), i32::from(on), buf, len) });
+    match status {
+        0 => Ok(()),
+        1 => Err(message),
+        _ => panic!("adversarial self-test {mode}: {message}"),
+    }
 }
 
 /// Self-tests whose kernels are correct: every result must come out exact.

@@ -259,3 +259,54 @@ fn shared_memory_overrun_is_caught_by_asan() {
     assert!(stderr.contains("ERROR: AddressSanitizer"), "no AddressSanitizer report:\n{stderr}");
     assert!(stderr.contains(&site), "the report does not name {site}:\n{stderr}");
 }
+
+/// Each adversarial mode's planted bug passes with the mode off (forward order) and is caught
+/// with it on, with `phrase` in the report.
+fn expect_adversarial(mode: &str, phrase: &str) {
+    assert!(selftest::ADVERSARIAL_MODES.contains(&mode));
+    selftest::with_schedule("forward", || {
+        if let Err(e) = selftest::adversarial(mode, false) {
+            panic!("{mode} off: the planted bug should go unseen, but: {e}");
+        }
+        match selftest::adversarial(mode, true) {
+            Ok(()) => panic!("{mode} on: the planted bug was not caught"),
+            Err(report) => assert!(report.contains(phrase), "{mode} on: report lacks {phrase:?}: {report}"),
+        }
+    })
+    .unwrap();
+}
+
+#[test]
+fn adversarial_wmma_permutes_fragment_elements() {
+    expect_adversarial("wmma", "not tile element");
+}
+
+#[test]
+fn adversarial_masks_refuse_exited_lanes() {
+    expect_adversarial("masks", "__ballot_sync");
+    expect_adversarial("masks", "[adversarial masks]");
+    expect_adversarial("masks", &planted_adversarial_site("mask-exited"));
+}
+
+#[test]
+fn adversarial_its_exposes_a_missing_syncwarp() {
+    expect_adversarial("its", "stale read");
+}
+
+#[test]
+fn adversarial_poison_fills_static_shared_memory() {
+    expect_adversarial("poison", "uninitialized shared memory");
+}
+
+#[test]
+fn adversarial_smem_optin_refuses_big_launches_without_the_attribute() {
+    expect_adversarial("smem_optin", "without the opt-in");
+}
+
+/// "adversarial_selftest.cu:<line>" of the line carrying `@planted:<marker>`.
+fn planted_adversarial_site(marker: &str) -> String {
+    let source = include_str!("../cuda/simt/adversarial_selftest.cu");
+    let tag = format!("@planted:{marker}");
+    let line = source.lines().position(|l| l.trim_end().ends_with(&tag)).expect("marker") + 1;
+    format!("adversarial_selftest.cu:{line}")
+}
