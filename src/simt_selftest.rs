@@ -16,6 +16,7 @@ unsafe extern "C" {
     fn hw_simt_selftest_shared_overrun(message: *mut c_char, message_len: usize) -> i32;
     fn hw_simt_set_thread_schedule(spec: *const c_char, message: *mut c_char, message_len: usize) -> i32;
     fn hw_simt_built_with_asan() -> i32;
+    fn hw_simt_set_thread_adversarial(spec: *const c_char, message: *mut c_char, message_len: usize) -> i32;
     fn hw_simt_selftest_adversarial(
         mode: *const c_char,
         on: i32,
@@ -148,6 +149,33 @@ pub fn with_schedule<R>(spec: &str, f: impl FnOnce() -> R) -> Result<R, String> 
         }
     }
     set_thread_schedule(Some(spec))?;
+    let _restore = Restore;
+    Ok(f())
+}
+
+/// Sets the adversarial modes of emulator launches made from the calling thread, overriding
+/// `HEADWISE_EMU_ADVERSARIAL` (same syntax: `all`, `none`, or a comma list of
+/// [`ADVERSARIAL_MODES`]); `None` goes back to the environment variable.
+pub fn set_thread_adversarial(spec: Option<&str>) -> Result<(), String> {
+    let spec = spec.map(c_string).transpose()?;
+    let ptr = spec.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
+    // SAFETY: ptr is null or NUL-terminated; the buffer pointer and length come from `call`.
+    let (status, message) = call(|buf, len| unsafe { hw_simt_set_thread_adversarial(ptr, buf, len) });
+    if status == 0 { Ok(()) } else { Err(message) }
+}
+
+/// Runs `f` with the calling thread's emulator launches under the adversarial modes `spec`,
+/// then restores the environment's (also when `f` panics). Tests of the emulator's lenient
+/// default behaviour pin `"none"` with it.
+pub fn with_adversarial<R>(spec: &str, f: impl FnOnce() -> R) -> Result<R, String> {
+    struct Restore;
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // Clearing the override cannot fail.
+            let _ = set_thread_adversarial(None);
+        }
+    }
+    set_thread_adversarial(Some(spec))?;
     let _restore = Restore;
     Ok(f())
 }

@@ -596,15 +596,15 @@ uint64_t arrive(WarpOp op, uint32_t mask, uint64_t value, int32_t b, int32_t wid
     Thread& self = running_thread([op] { return op_name(op); }, site);
     Warp& w = E.warps[self.warp];
     const uint32_t bit = 1u << self.lane;
+    if ((mask & bit) == 0) {
+        fail(self, "%s at %s:%d with mask 0x%08x, which does not name the calling lane %u: "
+             "undefined in CUDA", op_name(op), site.file, site.line, mask, self.lane);
+    }
     if (adversarial().masks && (mask & w.gone) != 0) {
         const uint32_t lane = static_cast<uint32_t>(__builtin_ctz(mask & w.gone));
         fail(self, "%s at %s:%d with mask 0x%08x names lane %u, which %s: undefined in CUDA "
              "[adversarial masks]", op_name(op), site.file, site.line, mask, lane,
              absence(self.warp, lane, mask));
-    }
-    if ((mask & bit) == 0) {
-        fail(self, "%s at %s:%d with mask 0x%08x, which does not name the calling lane %u: "
-             "undefined in CUDA", op_name(op), site.file, site.line, mask, self.lane);
     }
     if (is_shuffle(op) && (width < 1 || width > 32 || (width & (width - 1)) != 0)) {
         fail(self, "%s at %s:%d with width %d: must be a power of two from 1 to 32",
