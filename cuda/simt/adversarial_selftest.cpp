@@ -18,7 +18,7 @@ HW_SIMT_DECLARE(simt_planted_mask_exited)
 HW_SIMT_DECLARE(simt_planted_missing_syncwarp)
 HW_SIMT_DECLARE(simt_planted_uninitialized_shared)
 HW_SIMT_DECLARE(simt_planted_smem_no_optin)
-HW_SIMT_DECLARE(simt_test_smem_optin)
+HW_SIMT_DECLARE(hw_simt_test_smem_optin)
 #undef HW_SIMT_DECLARE
 
 namespace {
@@ -91,9 +91,9 @@ int planted(const char* mode, char* message, size_t len) {
     }
     if (std::strcmp(mode, "smem_optin") == 0) {
         // The opted-in kernel must launch in any mode; the other one only without the check.
-        hw_simt_func_set_max_dynamic_shared("simt_test_smem_optin", std::strlen("simt_test_smem_optin"),
+        hw_simt_func_set_max_dynamic_shared("hw_simt_test_smem_optin", std::strlen("hw_simt_test_smem_optin"),
                                             64 * 1024);
-        if (run(hw_emu_simt_test_smem_optin, p, 32, 64 * 1024, message, len) != 0) {
+        if (run(hw_emu_hw_simt_test_smem_optin, p, 32, 64 * 1024, message, len) != 0) {
             const int r = say(message, len, "opted-in launch failed");
             return r + 1;  // 2: not the planted bug
         }

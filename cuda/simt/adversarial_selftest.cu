@@ -54,7 +54,7 @@ __device__ void big_dynamic_shared(const HwSimtTestParams& p) {
     X(simt_planted_missing_syncwarp, planted_missing_syncwarp, 1024)    \
     X(simt_planted_uninitialized_shared, planted_uninitialized_shared, 1024) \
     X(simt_planted_smem_no_optin, big_dynamic_shared, 1024)             \
-    X(simt_test_smem_optin, big_dynamic_shared, 1024)
+    X(hw_simt_test_smem_optin, big_dynamic_shared, 1024)
 
 #define X(name, body, max_threads) HW_KERNEL_ENTRY_BOUNDED(name, HwSimtTestParams, max_threads, body(p))
 HW_SIMT_ADVERSARIAL_KERNELS(X)
