@@ -13,6 +13,11 @@ use std::alloc::{Layout, alloc_zeroed, dealloc};
 use std::ffi::CStr;
 use std::ptr::NonNull;
 
+unsafe extern "C" {
+    /// The emulator's MAX_DYNAMIC_SHARED_SIZE_BYTES opt-in (`cuda/simt/adversarial.h`).
+    fn hw_simt_func_set_max_dynamic_shared(name: *const core::ffi::c_char, len: usize, bytes: u32);
+}
+
 /// Signature of every emulator entry point (`hw_emu_<kernel>`).
 pub(crate) type EmuEntry =
     unsafe extern "C" fn(*const core::ffi::c_void, *const HwLaunch, *mut HwEmuError) -> i32;
@@ -161,6 +166,12 @@ pub(crate) unsafe fn run_entry(
     cfg: &HwLaunch,
     params: *const core::ffi::c_void,
 ) -> Result<()> {
+    if cfg.dyn_smem_bytes > 48 * 1024 {
+        // What the CUDA launcher does with CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+        // (src/gpu.rs); HEADWISE_EMU_ADVERSARIAL=smem_optin refuses the launch without it.
+        // SAFETY: name is valid for name.len() bytes; the emulator copies it.
+        unsafe { hw_simt_func_set_max_dynamic_shared(name.as_ptr().cast(), name.len(), cfg.dyn_smem_bytes) };
+    }
     let mut err = HwEmuError { message: [0; crate::params::HW_EMU_ERROR_LEN as usize] };
     // SAFETY: forwarded from the caller; err outlives the call and is NUL-initialised.
     let rc = unsafe { entry(params, cfg, &mut err) };
@@ -324,5 +335,35 @@ impl EmuStore {
     pub fn traffic_unwatch_all(&self) {
         // SAFETY: clears a thread-local list.
         unsafe { hw_emu_traffic_unwatch_all() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `HwSimtTestParams` (cuda/simt/selftest.h), as far as the kernel below reads it.
+    #[repr(C)]
+    struct TestParams {
+        out: *mut i32,
+        rest: [usize; 6],
+    }
+
+    /// 64 KiB of dynamic shared memory passes the smem_optin mode only because run_entry opts
+    /// the kernel in first, as GpuStore::launch sets the CUDA attribute.
+    #[test]
+    fn big_dynamic_shared_memory_is_opted_in() {
+        let name = "hw_simt_test_smem_optin";
+        let entry = crate::kernels::emu_entry(name).expect("self-test kernel in the table");
+        let mut out = vec![-1i32; 32];
+        let params = TestParams { out: out.as_mut_ptr(), rest: [0; 6] };
+        let cfg = HwLaunch { dyn_smem_bytes: 64 * 1024, ..crate::kernels::launch_1d(1, 32, 0) };
+        crate::simt_selftest::with_adversarial("smem_optin", || {
+            // SAFETY: the kernel writes out[0..32) only; params outlives the launch.
+            unsafe { run_entry(name, entry, &cfg, (&raw const params).cast()) }
+        })
+        .unwrap()
+        .unwrap();
+        assert_eq!(out, (0..32).collect::<Vec<i32>>());
     }
 }

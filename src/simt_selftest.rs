@@ -16,6 +16,32 @@ unsafe extern "C" {
     fn hw_simt_selftest_shared_overrun(message: *mut c_char, message_len: usize) -> i32;
     fn hw_simt_set_thread_schedule(spec: *const c_char, message: *mut c_char, message_len: usize) -> i32;
     fn hw_simt_built_with_asan() -> i32;
+    fn hw_simt_set_thread_adversarial(spec: *const c_char, message: *mut c_char, message_len: usize) -> i32;
+    fn hw_simt_selftest_adversarial(
+        mode: *const c_char,
+        on: i32,
+        message: *mut c_char,
+        message_len: usize,
+    ) -> i32;
+}
+
+/// The adversarial modes (`cuda/simt/adversarial.h`, `HEADWISE_EMU_ADVERSARIAL`), each with a
+/// planted bug in `cuda/simt/adversarial_selftest.cu` that only the mode exposes.
+pub const ADVERSARIAL_MODES: &[&str] = &["wmma", "masks", "its", "poison", "smem_optin"];
+
+/// Runs the planted bug of adversarial mode `mode` with that mode alone on (`on`) or every mode
+/// off, whatever the environment says, under the calling thread's schedule: `Ok` when the
+/// kernel's results came out right, `Err` with the emulator's report or the first wrong result.
+pub fn adversarial(mode: &str, on: bool) -> Result<(), String> {
+    let mode_c = c_string(mode)?;
+    // SAFETY: mode_c is NUL-terminated; the buffer pointer and length come from `call`.
+    let (status, message) =
+        call(|buf, len| unsafe { hw_simt_selftest_adversarial(mode_c.as_ptr(), i32::from(on), buf, len) });
+    match status {
+        0 => Ok(()),
+        1 => Err(message),
+        _ => panic!("adversarial self-test {mode}: {message}"),
+    }
 }
 
 /// Self-tests whose kernels are correct: every result must come out exact.
@@ -123,6 +149,33 @@ pub fn with_schedule<R>(spec: &str, f: impl FnOnce() -> R) -> Result<R, String> 
         }
     }
     set_thread_schedule(Some(spec))?;
+    let _restore = Restore;
+    Ok(f())
+}
+
+/// Sets the adversarial modes of emulator launches made from the calling thread, overriding
+/// `HEADWISE_EMU_ADVERSARIAL` (same syntax: `all`, `none`, or a comma list of
+/// [`ADVERSARIAL_MODES`]); `None` goes back to the environment variable.
+pub fn set_thread_adversarial(spec: Option<&str>) -> Result<(), String> {
+    let spec = spec.map(c_string).transpose()?;
+    let ptr = spec.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
+    // SAFETY: ptr is null or NUL-terminated; the buffer pointer and length come from `call`.
+    let (status, message) = call(|buf, len| unsafe { hw_simt_set_thread_adversarial(ptr, buf, len) });
+    if status == 0 { Ok(()) } else { Err(message) }
+}
+
+/// Runs `f` with the calling thread's emulator launches under the adversarial modes `spec`,
+/// then restores the environment's (also when `f` panics). Tests of the emulator's lenient
+/// default behaviour pin `"none"` with it.
+pub fn with_adversarial<R>(spec: &str, f: impl FnOnce() -> R) -> Result<R, String> {
+    struct Restore;
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // Clearing the override cannot fail.
+            let _ = set_thread_adversarial(None);
+        }
+    }
+    set_thread_adversarial(Some(spec))?;
     let _restore = Restore;
     Ok(f())
 }

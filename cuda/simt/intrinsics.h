@@ -167,8 +167,8 @@ inline T __ldg(const T* p) { return *p; }
 
 // The emulator is sequentially consistent (one OS thread, switches only at collectives), so
 // fences have nothing to order.
-inline void __threadfence() {}
-inline void __threadfence_block() {}
+inline void __threadfence() { hw_simt::yield_point(); }
+inline void __threadfence_block() { hw_simt::yield_point(); }
 inline void __threadfence_system() {}
 
 [[noreturn]] inline void __trap(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
@@ -181,6 +181,7 @@ inline void __threadfence_system() {}
 
 #define HW_SIMT_ATOMIC(name, T, update)                                                           \
     inline T name(T* address, T val) {                                                            \
+        hw_simt::yield_point();                                                                   \
         const T old = *address;                                                                   \
         *address = (update);                                                                      \
         return old;                                                                               \
@@ -220,6 +221,7 @@ HW_SIMT_ATOMIC(atomicDec, unsigned int, (old == 0u || old > val) ? val : old - 1
 
 #define HW_SIMT_ATOMIC_CAS(T)                                                                     \
     inline T atomicCAS(T* address, T compare, T val) {                                            \
+        hw_simt::yield_point();                                                                   \
         const T old = *address;                                                                   \
         if (old == compare) *address = val;                                                       \
         return old;                                                                               \

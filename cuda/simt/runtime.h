@@ -63,6 +63,10 @@ void warp_task(WarpOp op, WarpTask* task, uint64_t value, int32_t b, int32_t wid
 // __syncthreads and its count/and/or forms; returns the block-wide count or flag.
 int block_barrier(BarrierOp op, int predicate, const char* file, int line);
 
+// Under HEADWISE_EMU_ADVERSARIAL=its, lets another thread run (atomics and fences call it);
+// otherwise, and outside a launch, does nothing.
+void yield_point();
+
 // Lanes of the calling thread's warp that have not exited.
 uint32_t live_lanes();
 

@@ -25,6 +25,7 @@
 #include <mutex>
 #include <vector>
 
+#include "adversarial.h"
 #include "fiber.h"
 #include "simt.h"
 #include "traffic.h"
@@ -600,6 +601,12 @@ uint64_t arrive(WarpOp op, uint32_t mask, uint64_t value, int32_t b, int32_t wid
         fail(self, "%s at %s:%d with mask 0x%08x, which does not name the calling lane %u: "
              "undefined in CUDA", op_name(op), site.file, site.line, mask, self.lane);
     }
+    if (adversarial().masks && (mask & w.gone) != 0) {
+        const uint32_t lane = static_cast<uint32_t>(__builtin_ctz(mask & w.gone));
+        fail(self, "%s at %s:%d with mask 0x%08x names lane %u, which %s: undefined in CUDA "
+             "[adversarial masks]", op_name(op), site.file, site.line, mask, lane,
+             absence(self.warp, lane, mask));
+    }
     if (is_shuffle(op) && (width < 1 || width > 32 || (width & (width - 1)) != 0)) {
         fail(self, "%s at %s:%d with width %d: must be a power of two from 1 to 32",
              op_name(op), site.file, site.line, width);
@@ -677,6 +684,14 @@ const char* early_exit_hint =
     const uint32_t bit = 1u << self.lane;
     w.gone |= bit;
     // Warp-mates waiting at collectives that name this lane no longer wait for it.
+    for (uint32_t i = w.num_groups; adversarial().masks && i-- > 0;) {
+        const Group& g = w.groups[i];
+        if ((g.mask & bit) == 0) continue;
+        const Deposit& d = w.lanes[__builtin_ctz(g.members)];
+        fail(self, "exits while lane %u waits at %s at %s:%d with mask 0x%08x naming this lane: "
+             "undefined in CUDA [adversarial masks]", static_cast<uint32_t>(__builtin_ctz(g.members)),
+             op_name(d.op), d.site.file, d.site.line, g.mask);
+    }
     for (uint32_t i = w.num_groups; i-- > 0;) {  // completing swaps the last group into i
         if ((w.groups[i].mask & bit) != 0 && group_ready(w, w.groups[i])) complete(w, self.warp, i);
     }
@@ -730,6 +745,7 @@ void poison(unsigned char* p, size_t bytes) {
 bool run_block(uint3 block) {
     blockIdx = block;
     if (E.dyn_smem != nullptr) poison(E.dyn_smem, E.dyn_smem_bytes);
+    if (adversarial().poison) poison_static_shared();
     E.barrier = Barrier{};
     E.first_exited = nullptr;
     E.live = E.num_threads;
@@ -834,6 +850,22 @@ bool configure(KernelBody body, const void* params, uint32_t max_block_threads,
                          "random:<seed>", spec);
         return false;
     }
+    char bad_modes[HW_EMU_ERROR_LEN];
+    if (!adversarial_begin_launch(E.kernel, bad_modes, sizeof bad_modes)) {
+        set_launch_error("%s", bad_modes);
+        return false;
+    }
+    if (adversarial().its && E.schedule.order != Order::Random) {
+        E.schedule = Schedule{Order::Random, adversarial_seed()};  // reported with errors
+    }
+    if (adversarial().smem_optin && l.dyn_smem_bytes > kDefaultDynamicShared &&
+        l.dyn_smem_bytes > dynamic_shared_limit(E.kernel)) {
+        set_launch_error("%u bytes of dynamic shared memory, above %u without the opt-in: set the "
+                         "kernel's MAX_DYNAMIC_SHARED_SIZE_BYTES attribute first "
+                         "(hw_simt_func_set_max_dynamic_shared) [adversarial smem_optin]",
+                         l.dyn_smem_bytes, dynamic_shared_limit(E.kernel));
+        return false;
+    }
     E.rng.seed(E.schedule.seed);
     E.body = body;
     E.params = params;
@@ -913,6 +945,11 @@ int block_barrier(BarrierOp op, int predicate, const char* file, int line) {
     if (bar.waiting == E.live) release_barrier();
     reschedule(self);
     return self.barrier_result;
+}
+
+void yield_point() {
+    if (E.current == nullptr || !adversarial().its) return;
+    reschedule(*E.current);  // the caller stays runnable: any runnable thread may go next
 }
 
 uint32_t live_lanes() {

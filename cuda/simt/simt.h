@@ -11,6 +11,9 @@
 //     the kernel's file:line, instead of hanging or returning garbage (sync.h);
 //   - HEADWISE_EMU_SCHEDULE=forward|reverse|random|random:<seed> picks the order in which
 //     threads (and blocks) run, so that races hidden by one order show in another;
+//   - HEADWISE_EMU_ADVERSARIAL=all|<list> turns on stricter checks than the defaults: random
+//     WMMA fragment layouts, masks naming exited lanes, shuffled order with more yield points,
+//     poisoned static shared memory, the >48 KiB dynamic shared memory opt-in (adversarial.h);
 //   - __half/__nv_bfloat16 bit-identical to the toolkit (half.h), nvcuda::wmma (wmma.h), the
 //     usual intrinsics and atomics (intrinsics.h).
 // Not modeled: memory-ordering bugs (execution is sequentially consistent), spin-waits on other

@@ -15,9 +15,11 @@
 // Blocks run one after another on one OS thread, so a block's shared memory can be a static
 // variable; launches are serialized so no two blocks ever use it at once. Unlike the GPU, a
 // block sees the previous block's values in static __shared__ variables (zeros in the very first
-// block); only dynamic shared memory (HW_DYNAMIC_SHARED) is poisoned at every block start.
+// block); only dynamic shared memory (HW_DYNAMIC_SHARED) is poisoned at every block start, and
+// under HEADWISE_EMU_ADVERSARIAL=poison also the variables of non-template functions, which the
+// section attribute gathers (GCC ignores it for statics of template functions: COMDAT).
 // This also works inside templates and device helpers (one variable per instantiation).
-#define __shared__ static
+#define __shared__ static __attribute__((section("hw_simt_shared")))
 // Kernel files are separate modules on the GPU; `static` keeps them separate here too.
 #define __constant__ static
 

@@ -2,7 +2,8 @@
 // float accumulators.
 //
 // Fragment layout differs from the GPU. Here every lane holds the whole 16x16 tile, row-major by
-// the fragment's logical (row, column): matrix_a (m, k), matrix_b (k, n), accumulator (m, n).
+// the fragment's logical (row, column): matrix_a (m, k), matrix_b (k, n), accumulator (m, n);
+// under HEADWISE_EMU_ADVERSARIAL=wmma (adversarial.h) in a random order drawn per launch instead.
 // num_elements is therefore 256, not the GPU's per-lane share (8 or 16), and x[i] names a
 // different element than on the GPU. The GPU's layout is opaque, so portable kernels may only
 // apply the same operation to every element (scale, convert, fill), and that works identically
@@ -23,6 +24,7 @@
 #include <initializer_list>
 #include <type_traits>
 
+#include "adversarial.h"
 #include "half.h"
 #include "runtime.h"
 #include "sync.h"
@@ -63,6 +65,16 @@ namespace detail {
 
 using Accumulator = fragment<accumulator, 16, 16, 16, float>;
 
+// Which permutation maps a fragment's x[i] to its tile elements (adversarial.h, wmma mode).
+template <class Frag>
+struct FragmentUse;
+template <int M, int N, int K, class T, class L>
+struct FragmentUse<fragment<matrix_a, M, N, K, T, L>> { static constexpr int value = 0; };
+template <int M, int N, int K, class T, class L>
+struct FragmentUse<fragment<matrix_b, M, N, K, T, L>> { static constexpr int value = 1; };
+template <int M, int N, int K, class T, class L>
+struct FragmentUse<fragment<accumulator, M, N, K, T, L>> { static constexpr int value = 2; };
+
 // Offset of tile element (row, col) in memory with leading dimension ldm.
 inline size_t tile_offset(bool row_major, int row, int col, unsigned ldm) {
     return row_major ? static_cast<size_t>(row) * ldm + col : static_cast<size_t>(col) * ldm + row;
@@ -101,9 +113,10 @@ struct LoadTask : hw_simt::WarpTask {
 
     static int run(hw_simt::WarpTask* const* tasks) {
         const LoadTask* first = static_cast<LoadTask*>(tasks[0]);
+        const uint16_t* slot = hw_simt::wmma_permutations[FragmentUse<Frag>::value];
         for (int r = 0; r < 16; ++r)
             for (int c = 0; c < 16; ++c)
-                first->frag->x[r * 16 + c] = first->src[tile_offset(first->row_major, r, c, first->ldm)];
+                first->frag->x[slot[r * 16 + c]] = first->src[tile_offset(first->row_major, r, c, first->ldm)];
         for (int lane = 1; lane < 32; ++lane)
             std::memcpy(static_cast<LoadTask*>(tasks[lane])->frag->x, first->frag->x, sizeof first->frag->x);
         return -1;
@@ -133,9 +146,10 @@ struct StoreTask : hw_simt::WarpTask {
         const int differing = first_differing_lane(tasks, &StoreTask::frag);
         if (differing >= 0) return differing;
         const StoreTask* first = static_cast<StoreTask*>(tasks[0]);
+        const uint16_t* slot = hw_simt::wmma_permutations[2];
         for (int r = 0; r < 16; ++r)
             for (int c = 0; c < 16; ++c)
-                first->dst[tile_offset(first->row_major, r, c, first->ldm)] = first->frag->x[r * 16 + c];
+                first->dst[tile_offset(first->row_major, r, c, first->ldm)] = first->frag->x[slot[r * 16 + c]];
         return -1;
     }
 };
@@ -154,16 +168,17 @@ struct MmaTask : hw_simt::WarpTask {
             if (differing >= 0) return differing;
         }
         const MmaTask* first = static_cast<MmaTask*>(tasks[0]);
+        const uint16_t* const* slot = hw_simt::wmma_permutations;
         float a[256], b[256], d[256];
-        for (int i = 0; i < 256; ++i) {
-            a[i] = static_cast<float>(first->a->x[i]);
-            b[i] = static_cast<float>(first->b->x[i]);
+        for (int i = 0; i < 256; ++i) {  // logical (row-major) order
+            a[i] = static_cast<float>(first->a->x[slot[0][i]]);
+            b[i] = static_cast<float>(first->b->x[slot[1][i]]);
         }
         for (int m = 0; m < 16; ++m) {
             for (int n = 0; n < 16; ++n) {
-                float acc = first->c->x[m * 16 + n];
+                float acc = first->c->x[slot[2][m * 16 + n]];
                 for (int k = 0; k < 16; ++k) acc += a[m * 16 + k] * b[k * 16 + n];
-                d[m * 16 + n] = acc;
+                d[slot[2][m * 16 + n]] = acc;
             }
         }
         // d may alias c, so every lane's result is written only after all inputs were read.
