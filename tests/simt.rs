@@ -324,6 +324,12 @@ fn adversarial_its_exposes_a_missing_syncwarp() {
 
 #[test]
 fn adversarial_poison_fills_static_shared_memory() {
+    if selftest::built_with_asan() {
+        // cuda/simt/types.h: the ASan build keeps static shared memory out of the poisoned
+        // section so that ASan's redzones guard it; the other CI steps run this check.
+        println!("not run: static shared memory is not poisoned in the AddressSanitizer build");
+        return;
+    }
     expect_adversarial("poison", "uninitialized shared memory");
 }
 

@@ -10,7 +10,8 @@
 //               with a per-launch seed, reported in errors) and yield at atomics and fences, so
 //               warp-synchronous code that communicates through memory without __syncwarp fails;
 //   poison      static __shared__ variables of non-template functions are filled with 0xffa5 at
-//               every block start, like dynamic shared memory always is (template functions'
+//               every block start (not in the AddressSanitizer build, where ASan guards them),
+//               like dynamic shared memory always is (template functions'
 //               statics live in COMDAT sections that cannot be enumerated);
 //   smem_optin  dynamic shared memory above 48 KiB is refused unless the host opted the kernel
 //               in (hw_simt_func_set_max_dynamic_shared, the emulator's

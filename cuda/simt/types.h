@@ -19,7 +19,13 @@
 // under HEADWISE_EMU_ADVERSARIAL=poison also the variables of non-template functions, which the
 // section attribute gathers (GCC ignores it for statics of template functions: COMDAT).
 // This also works inside templates and device helpers (one variable per instantiation).
+#if defined(HW_SIMT_ASAN)
+// AddressSanitizer puts no redzones around globals in a named section, and its overrun check of
+// static shared memory is the stronger one in that build: there, poison mode finds none.
+#define __shared__ static
+#else
 #define __shared__ static __attribute__((section("hw_simt_shared")))
+#endif
 // Kernel files are separate modules on the GPU; `static` keeps them separate here too.
 #define __constant__ static
 
