@@ -131,51 +131,55 @@ pub fn shared_overrun() -> Result<(), String> {
 /// `None` goes back to the environment variable. Per thread, so that concurrent tests do not
 /// interfere.
 pub fn set_thread_schedule(spec: Option<&str>) -> Result<(), String> {
-    let spec = spec.map(c_string).transpose()?;
-    let ptr = spec.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
-    // SAFETY: ptr is null or NUL-terminated; the buffer pointer and length come from `call`.
-    let (status, message) = call(|buf, len| unsafe { hw_simt_set_thread_schedule(ptr, buf, len) });
-    if status == 0 { Ok(()) } else { Err(message) }
+    set_thread_override(hw_simt_set_thread_schedule, spec)
 }
 
 /// Runs `f` with the calling thread's emulator launches in the order `spec`, then restores the
 /// environment's order (also when `f` panics).
 pub fn with_schedule<R>(spec: &str, f: impl FnOnce() -> R) -> Result<R, String> {
-    struct Restore;
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            // Clearing the override cannot fail.
-            let _ = set_thread_schedule(None);
-        }
-    }
-    set_thread_schedule(Some(spec))?;
-    let _restore = Restore;
-    Ok(f())
+    with_override(set_thread_schedule, spec, f)
 }
 
 /// Sets the adversarial modes of emulator launches made from the calling thread, overriding
 /// `HEADWISE_EMU_ADVERSARIAL` (same syntax: `all`, `none`, or a comma list of
 /// [`ADVERSARIAL_MODES`]); `None` goes back to the environment variable.
 pub fn set_thread_adversarial(spec: Option<&str>) -> Result<(), String> {
-    let spec = spec.map(c_string).transpose()?;
-    let ptr = spec.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
-    // SAFETY: ptr is null or NUL-terminated; the buffer pointer and length come from `call`.
-    let (status, message) = call(|buf, len| unsafe { hw_simt_set_thread_adversarial(ptr, buf, len) });
-    if status == 0 { Ok(()) } else { Err(message) }
+    set_thread_override(hw_simt_set_thread_adversarial, spec)
 }
 
 /// Runs `f` with the calling thread's emulator launches under the adversarial modes `spec`,
 /// then restores the environment's (also when `f` panics). Tests of the emulator's lenient
 /// default behaviour pin `"none"` with it.
 pub fn with_adversarial<R>(spec: &str, f: impl FnOnce() -> R) -> Result<R, String> {
-    struct Restore;
+    with_override(set_thread_adversarial, spec, f)
+}
+
+/// The emulator's per-thread overrides of an environment variable share one C signature:
+/// (spec or null, message buffer, its length) -> 0, or 1 with the message.
+type SetThreadOverride = unsafe extern "C" fn(*const c_char, *mut c_char, usize) -> i32;
+
+fn set_thread_override(set: SetThreadOverride, spec: Option<&str>) -> Result<(), String> {
+    let spec = spec.map(c_string).transpose()?;
+    let ptr = spec.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
+    // SAFETY: ptr is null or NUL-terminated; the buffer pointer and length come from `call`.
+    let (status, message) = call(|buf, len| unsafe { set(ptr, buf, len) });
+    if status == 0 { Ok(()) } else { Err(message) }
+}
+
+/// Runs `f` under the override `spec`, clearing it afterwards (also when `f` panics).
+fn with_override<R>(
+    set: fn(Option<&str>) -> Result<(), String>,
+    spec: &str,
+    f: impl FnOnce() -> R,
+) -> Result<R, String> {
+    struct Restore(fn(Option<&str>) -> Result<(), String>);
     impl Drop for Restore {
         fn drop(&mut self) {
             // Clearing the override cannot fail.
-            let _ = set_thread_adversarial(None);
+            let _ = (self.0)(None);
         }
     }
-    set_thread_adversarial(Some(spec))?;
-    let _restore = Restore;
+    set(Some(spec))?;
+    let _restore = Restore(set);
     Ok(f())
 }

@@ -132,12 +132,10 @@ extern "C" unsigned char __stop_hw_simt_shared[] __attribute__((weak));
 
 namespace hw_simt {
 
-// Not instrumented: the section also holds ASan's redzones between the variables.
-__attribute__((no_sanitize("address"))) void poison_static_shared() {
-    if (__start_hw_simt_shared == nullptr || __stop_hw_simt_shared == nullptr) return;
-    volatile unsigned char* p = __start_hw_simt_shared;
-    const size_t bytes = static_cast<size_t>(__stop_hw_simt_shared - __start_hw_simt_shared);
-    for (size_t i = 0; i < bytes; ++i) p[i] = (i & 1) != 0 ? 0xff : 0xa5;
+SharedSection static_shared_section() {
+    // Weak: without any such variable the linker defines neither bound (the ASan build, too).
+    if (__start_hw_simt_shared == nullptr || __stop_hw_simt_shared == nullptr) return {nullptr, 0};
+    return {__start_hw_simt_shared, static_cast<size_t>(__stop_hw_simt_shared - __start_hw_simt_shared)};
 }
 
 }  // namespace hw_simt

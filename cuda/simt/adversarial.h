@@ -46,8 +46,13 @@ inline uint16_t wmma_slot(int use, int logical) { return wmma_permutations[use][
 uint32_t dynamic_shared_limit(const char* kernel);
 constexpr uint32_t kDefaultDynamicShared = 48 * 1024;
 
-// Poisons the static __shared__ variables that the emulator can find (poison mode).
-void poison_static_shared();
+// The bytes of the static __shared__ variables the emulator can find, which the poison mode
+// fills as it fills dynamic shared memory; {nullptr, 0} when there are none.
+struct SharedSection {
+    unsigned char* bytes;
+    size_t len;
+};
+SharedSection static_shared_section();
 
 }  // namespace hw_simt
 

@@ -745,7 +745,10 @@ void poison(unsigned char* p, size_t bytes) {
 bool run_block(uint3 block) {
     blockIdx = block;
     if (E.dyn_smem != nullptr) poison(E.dyn_smem, E.dyn_smem_bytes);
-    if (adversarial().poison) poison_static_shared();
+    if (adversarial().poison) {
+        const SharedSection statics = static_shared_section();
+        poison(statics.bytes, statics.len);
+    }
     E.barrier = Barrier{};
     E.first_exited = nullptr;
     E.live = E.num_threads;
