@@ -9,24 +9,14 @@ mod common;
 
 use std::path::Path;
 
-/// The C ABI's source files, in name order so the header does not depend on directory order.
-fn sources(root: &Path) -> Vec<std::path::PathBuf> {
-    let mut files: Vec<_> = std::fs::read_dir(root.join("src").join("capi"))
-        .expect("src/capi")
-        .map(|e| e.expect("src/capi entry").path())
-        .filter(|p| p.extension().is_some_and(|x| x == "rs"))
-        .collect();
-    files.sort();
-    files
-}
-
 fn generate(root: &Path) -> String {
     let config = cbindgen::Config::from_file(root.join("cbindgen.toml")).expect("cbindgen.toml");
-    // src/capi/ holds the whole ABI; parsing its files alone keeps the header independent of
-    // the rest of the crate and of `cargo metadata`.
-    let bindings = sources(root)
-        .into_iter()
-        .fold(cbindgen::Builder::new().with_config(config), |b, f| b.with_src(f))
+    let bindings = cbindgen::Builder::new()
+        .with_config(config)
+        // src/capi/ holds the whole ABI: cbindgen follows mod.rs's `mod` items into its files.
+        // Parsing it alone keeps the header independent of the rest of the crate and of
+        // `cargo metadata`.
+        .with_src(root.join("src").join("capi").join("mod.rs"))
         .generate()
         .expect("cbindgen");
     let mut out = Vec::new();
