@@ -26,15 +26,18 @@ pub(crate) type EmuEntry =
 const ALIGN: usize = 256;
 
 /// A host buffer standing in for device memory: `len` elements, 256-byte aligned like a
-/// cudaMalloc allocation, zero-initialised.
+/// cudaMalloc allocation, zero-initialised; or, from [`EmuBuf::borrowed`], a caller's memory
+/// (the C ABI's emulator handle), as `GpuBuf::borrowed` wraps an engine's device memory.
 pub struct EmuBuf<T: Elem> {
     ptr: NonNull<T>,
     len: usize,
-    /// Bytes between the allocation's start and `ptr` (see [`EmuBuf::zeros`]).
-    pad: usize,
+    /// Bytes between the allocation's start and `ptr` (see [`EmuBuf::zeros`]); `None` when the
+    /// memory is borrowed and not ours to free.
+    pad: Option<usize>,
 }
 
-// SAFETY: EmuBuf owns its allocation exclusively, like Vec<T>; T is plain data.
+// SAFETY: EmuBuf owns its allocation exclusively, like Vec<T> (a borrowed one by the contract of
+// `borrowed`); T is plain data.
 unsafe impl<T: Elem> Send for EmuBuf<T> {}
 // SAFETY: shared references only give out &[T].
 unsafe impl<T: Elem> Sync for EmuBuf<T> {}
@@ -66,7 +69,28 @@ impl<T: Elem> EmuBuf<T> {
         // SAFETY: pad < ALIGN, and the allocation has ALIGN spare bytes, so ptr and its len
         // elements lie inside it; all-zero bytes are a valid T (ValidAsZeroBits).
         let ptr = NonNull::new(unsafe { raw.add(pad) } as *mut T).expect("inside a non-null allocation");
-        Ok(EmuBuf { ptr, len, pad })
+        Ok(EmuBuf { ptr, len, pad: Some(pad) })
+    }
+
+    /// `len` elements of the caller's memory at `ptr`, never freed by headwise. A NULL `ptr` is
+    /// accepted for `len == 0` only (the buffer is then empty). Kernels check the 16-byte
+    /// alignment they need when they take the buffer's address, as on the GPU.
+    ///
+    /// # Safety
+    /// A non-NULL `ptr` must be valid for reads and writes of `len` initialised elements, not
+    /// accessed through anything else while the result is in use, and outlive it.
+    pub unsafe fn borrowed(ptr: *mut T, len: usize) -> Result<EmuBuf<T>> {
+        match NonNull::new(ptr) {
+            Some(ptr) => Ok(EmuBuf { ptr, len, pad: None }),
+            // An aligned, never dereferenced address, so an empty buffer passes the kernels'
+            // alignment checks as a NULL device pointer does on the GPU.
+            None if len == 0 => Ok(EmuBuf {
+                ptr: NonNull::new(std::ptr::without_provenance_mut(ALIGN)).expect("nonzero"),
+                len: 0,
+                pad: None,
+            }),
+            None => Err(Error::invalid("ptr", format!("NULL where {len} elements are needed"))),
+        }
     }
 
     /// A copy of `data`.
@@ -91,8 +115,11 @@ impl<T: Elem> EmuBuf<T> {
 
 impl<T: Elem> Drop for EmuBuf<T> {
     fn drop(&mut self) {
-        // SAFETY: allocated in zeros() at ptr - pad with the same layout (which succeeded then).
-        unsafe { dealloc((self.ptr.as_ptr() as *mut u8).sub(self.pad), Self::layout(self.len).unwrap()) }
+        if let Some(pad) = self.pad {
+            // SAFETY: allocated in zeros() at ptr - pad with the same layout (which succeeded
+            // then).
+            unsafe { dealloc((self.ptr.as_ptr() as *mut u8).sub(pad), Self::layout(self.len).unwrap()) }
+        }
     }
 }
 

@@ -1,8 +1,8 @@
 //! The C ABI from C: compiles tests/c/capi_test.c against include/headwise.h with the system C
-//! compiler (`CC`, else `cc`), links it to the cdylib this `cargo test` built, runs it and
-//! requires exit status 0. Also compiles the header as C++ (`CXX`, else `c++`), the language
-//! most engines include it from. No GPU needed: the C program checks that the GPU entry points
-//! say there is none.
+//! compiler (`CC`, else `cc`), links it to the cdylib this `cargo test` built and, separately,
+//! to the staticlib, runs each and requires exit status 0. Also compiles the header as C++
+//! (`CXX`, else `c++`), the language most engines include it from. No GPU needed: the C program
+//! checks that the GPU entry points say there is none and runs every operation on the emulator.
 #![cfg(feature = "capi")]
 
 use std::path::{Path, PathBuf};
@@ -12,15 +12,18 @@ fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The directory holding the cdylib: cargo builds the library (every crate type) before any
-/// integration test, into the `deps` directory this test binary runs from.
+/// The directory holding the cdylib and the staticlib: cargo builds the library (every crate
+/// type) before any integration test, into the `deps` directory this test binary runs from.
 fn library_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe.parent().expect("test binary directory").to_path_buf();
-    let lib = dir.join(format!("{}headwise{}", std::env::consts::DLL_PREFIX, std::env::consts::DLL_SUFFIX));
-    assert!(lib.exists(), "{} is missing: the [lib] crate-type must include cdylib", lib.display());
-    dir
+    exe.parent().expect("test binary directory").to_path_buf()
 }
+
+/// What a program linking the staticlib must add: the system libraries Rust's std and the C++
+/// emulator need, as `cargo rustc --features capi --crate-type staticlib -- --print
+/// native-static-libs` prints them on Linux (README, "Linking from an engine").
+const STATIC_LINK_LIBS: &[&str] =
+    &["-lstdc++", "-lgcc_s", "-lutil", "-lrt", "-lpthread", "-lm", "-ldl", "-lc"];
 
 fn tool(var: &str, default: &str) -> String {
     std::env::var(var).ok().filter(|v| !v.is_empty()).unwrap_or_else(|| default.to_string())
@@ -33,30 +36,52 @@ fn run(cmd: &mut Command) -> std::process::Output {
     out
 }
 
-#[test]
-fn c_program_passes_against_the_library() {
-    let lib_dir = library_dir();
+/// Builds tests/c/capi_test.c with `link` as the library arguments, runs it, requires success.
+fn build_and_run(name: &str, link: &[String]) {
     let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("capi_c");
     std::fs::create_dir_all(&out_dir).unwrap();
-    let exe = out_dir.join("capi_test");
+    let exe = out_dir.join(name);
     let cc = tool("CC", "cc");
     let compiled = run(Command::new(&cc)
         .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-pedantic", "-g"])
         .arg("-I")
         .arg(root().join("include"))
         .arg(root().join("tests/c/capi_test.c"))
-        .arg("-L")
-        .arg(&lib_dir)
-        .arg("-lheadwise")
-        // rpath, so the program finds the library without LD_LIBRARY_PATH.
-        .arg(format!("-Wl,-rpath,{}", lib_dir.display()))
+        .args(link)
         .arg("-lm")
         .arg("-o")
         .arg(&exe));
-    assert!(compiled.status.success(), "{cc} failed to build tests/c/capi_test.c");
+    assert!(compiled.status.success(), "{cc} failed to build tests/c/capi_test.c ({name})");
     let ran = run(&mut Command::new(&exe));
-    assert!(ran.status.success(), "tests/c/capi_test.c failed ({})", ran.status);
-    assert!(String::from_utf8_lossy(&ran.stdout).contains(", 0 failed"));
+    assert!(ran.status.success(), "tests/c/capi_test.c failed ({name}: {})", ran.status);
+    let stdout = String::from_utf8_lossy(&ran.stdout);
+    assert!(stdout.contains(", 0 failed"), "{name}: no pass line");
+    assert!(stdout.contains("emulator decode attention"), "{name}: the emulator part did not run");
+}
+
+#[test]
+fn c_program_passes_against_the_shared_library() {
+    let dir = library_dir();
+    let lib = dir.join(format!("{}headwise{}", std::env::consts::DLL_PREFIX, std::env::consts::DLL_SUFFIX));
+    assert!(lib.exists(), "{} is missing: the [lib] crate-type must include cdylib", lib.display());
+    // rpath, so the program finds the library without LD_LIBRARY_PATH.
+    let link = [
+        "-L".to_string(),
+        dir.display().to_string(),
+        "-lheadwise".into(),
+        format!("-Wl,-rpath,{}", dir.display()),
+    ];
+    build_and_run("capi_test_shared", &link);
+}
+
+#[test]
+fn c_program_passes_against_the_static_library() {
+    let lib = library_dir().join("libheadwise.a");
+    assert!(lib.exists(), "{} is missing: the [lib] crate-type must include staticlib", lib.display());
+    // The archive by path, so the linker cannot pick the shared library beside it.
+    let mut link = vec![lib.display().to_string()];
+    link.extend(STATIC_LINK_LIBS.iter().map(|s| s.to_string()));
+    build_and_run("capi_test_static", &link);
 }
 
 #[test]

@@ -2810,6 +2810,10 @@ mod c {
     use std::ffi::{c_char, c_int};
     use std::ptr::{NonNull, null, null_mut};
 
+    // Inside the inline `mod c`, paths are relative to tests/c/.
+    #[path = "../invalid_inputs/emulator_side.rs"]
+    mod emulator_side;
+
     pub(super) const ENTRY_POINTS: &[fn(&mut Battery)] = &[
         layout_create,
         layout_pack,
@@ -2821,6 +2825,7 @@ mod c {
         scores_parse,
         duo_config_c,
         gpu_side,
+        emulator_side::emulator_side,
     ];
 
     /// The thread's last error message.
@@ -3522,10 +3527,13 @@ mod c {
             ("gpu_kernels_built out NULL", |_, _, _, _, _| {
                 (invalid("out"), unsafe { headwise_gpu_kernels_built(null_mut()) })
             }),
-            ("gpu_synchronize", |_, _, _, _, _| {
-                (invalid("gpu"), unsafe { headwise_gpu_synchronize(null()) })
+            ("store_synchronize", |_, _, _, _, _| {
+                (invalid("store"), unsafe { headwise_store_synchronize(null()) })
             }),
-            ("gpu_free NULL", |_, _, _, _, _| (Expect::Ok, unsafe { headwise_gpu_free(null_mut()) })),
+            ("store_free NULL", |_, _, _, _, _| (Expect::Ok, unsafe { headwise_store_free(null_mut()) })),
+            ("emulator_create out NULL", |_, _, _, _, _| {
+                (invalid("out"), unsafe { headwise_emulator_create(null_mut()) })
+            }),
             ("cache_create", |x, y, l, _, _| {
                 let mut out = poison();
                 let code = unsafe {
@@ -3539,7 +3547,7 @@ mod c {
                         &mut out,
                     )
                 };
-                (if out.is_null() { invalid("gpu") } else { invalid("out left non-NULL") }, code)
+                (if out.is_null() { invalid("store") } else { invalid("out left non-NULL") }, code)
             }),
             ("cache_create out NULL", |_, _, l, _, _| {
                 (invalid("out"), unsafe {
@@ -3595,7 +3603,7 @@ mod c {
                 let code = unsafe {
                     headwise_query_ring_create(null(), (x % 3) as c_int, y % 64, x % 17, 128, &mut out)
                 };
-                (if out.is_null() { invalid("gpu") } else { invalid("out left non-NULL") }, code)
+                (if out.is_null() { invalid("store") } else { invalid("out left non-NULL") }, code)
             }),
             ("query_ring_create out NULL", |_, _, _, _, _| {
                 (invalid("out"), unsafe { headwise_query_ring_create(null(), 0, 8, 8, 128, null_mut()) })

@@ -1,16 +1,20 @@
 /* The C ABI as an engine sees it: include/headwise.h, linked against libheadwise.
  *
- * Built and run by tests/capi_c.rs (cargo test --features capi). Needs no GPU: it checks the
- * error paths (NULL pointers, bad sizes, invalid layouts -> the right code and a non-empty
- * message), the layout functions and the policy functions on known answers, and that the GPU
- * entry points report HEADWISE_ERROR_NO_GPU (or _NO_KERNELS for a build without nvcc) where
- * there is no GPU. Exit status 0 when every check passed. */
+ * Built and run by tests/capi_c.rs (cargo test --features capi), against the shared and the
+ * static library. Needs no GPU: it checks the error paths (NULL pointers, bad sizes, invalid
+ * layouts -> the right code and a non-empty message), the layout functions and the policy
+ * functions on known answers, that the GPU entry points report HEADWISE_ERROR_NO_GPU (or
+ * _NO_KERNELS for a build without nvcc) where there is no GPU, and runs every cache operation
+ * on an emulator store (prefill compression, AdaKV, append, decode attention against a
+ * reference computed here, the query ring, R-KV eviction, relayout), checking the results.
+ * Exit status 0 when every check passed. */
 
 #include "headwise.h"
 
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 static int checks = 0;
@@ -430,7 +434,7 @@ static void test_option_defaults(void) {
 
 /* Checks every GPU entry point's argument handling. `gpu` is a live handle when a GPU is
  * present, else NULL. */
-static void test_gpu_entry_points(HeadwiseGpu *gpu) {
+static void test_gpu_entry_points(HeadwiseStore *gpu) {
     HeadwiseLayout *layout = NULL;
     OK(headwise_layout_create(1, 2, 22, 2, OFFSET, CAPACITY, LEN, NULL, MODE, SINK, WINDOW, &layout));
     HeadwiseCache *cache = SENTINEL;
@@ -448,16 +452,16 @@ static void test_gpu_entry_points(HeadwiseGpu *gpu) {
                 "head_dim");
         INVALID(headwise_cache_create(gpu, layout, HEADWISE_DTYPE_BF16, 128, NULL, device_memory, &cache), "k");
         INVALID(headwise_query_ring_create(gpu, HEADWISE_DTYPE_F16, 4, 17, 128, &ring), "alpha");
-        OK(headwise_gpu_synchronize(gpu));
+        OK(headwise_store_synchronize(gpu));
     }
     INVALID(headwise_cache_create(NULL, layout, HEADWISE_DTYPE_BF16, 128, device_memory, device_memory, &cache),
-            "gpu");
+            "store");
     CHECK(cache == NULL);
     INVALID(headwise_cache_create(gpu, NULL, HEADWISE_DTYPE_BF16, 128, device_memory, device_memory, &cache),
-            gpu ? "layout" : "gpu");
-    INVALID(headwise_query_ring_create(NULL, HEADWISE_DTYPE_BF16, 4, 8, 128, &ring), "gpu");
+            gpu ? "layout" : "store");
+    INVALID(headwise_query_ring_create(NULL, HEADWISE_DTYPE_BF16, 4, 8, 128, &ring), "store");
     CHECK(ring == NULL);
-    INVALID(headwise_gpu_synchronize(NULL), "gpu");
+    INVALID(headwise_store_synchronize(NULL), "store");
     HeadwiseLayout *snapshot = SENTINEL;
     INVALID(headwise_cache_layout(NULL, &snapshot), "cache");
     CHECK(snapshot == NULL);
@@ -470,7 +474,7 @@ static void test_gpu_entry_points(HeadwiseGpu *gpu) {
     INVALID(headwise_cache_evict(NULL, NULL, 4, &rkv, NULL, 0, NULL, 0), "cache");
     OK(headwise_cache_free(NULL));
     OK(headwise_query_ring_free(NULL));
-    OK(headwise_gpu_free(NULL));
+    OK(headwise_store_free(NULL));
     OK(headwise_layout_free(layout));
 }
 
@@ -480,7 +484,7 @@ static void test_gpu(void) {
     CHECK(built == 0 || built == 1);
     INVALID(headwise_gpu_kernels_built(NULL), "out");
 
-    HeadwiseGpu *gpu = SENTINEL;
+    HeadwiseStore *gpu = SENTINEL;
     INVALID(headwise_gpu_create(-1, NULL, &gpu), "device");
     CHECK(gpu == NULL);
     INVALID(headwise_gpu_create(0, NULL, NULL), "out");
@@ -491,7 +495,7 @@ static void test_gpu(void) {
         printf("capi_test: a GPU is present; its kernels are checked by the gpu-tests suites\n");
         CHECK(gpu != NULL && gpu != SENTINEL);
         test_gpu_entry_points(gpu);
-        OK(headwise_gpu_free(gpu));
+        OK(headwise_store_free(gpu));
         return;
     }
     /* No GPU here: the library says so (or that it has no kernels at all) and hands out nothing. */
@@ -502,6 +506,237 @@ static void test_gpu(void) {
     EXPECT(headwise_gpu_create(1000000, NULL, &gpu), built ? HEADWISE_ERROR_NO_GPU : HEADWISE_ERROR_NO_KERNELS,
            NULL);
     test_gpu_entry_points(NULL);
+}
+
+/* ---- The emulator store: every cache operation, results checked. ---- */
+
+enum { D = 64, G = 2, KV = 2, Q_LEN = 48, WIN = 8, HEADS = KV * G };
+
+static uint16_t bf16_of(float x) {
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    u += 0x7FFFu + ((u >> 16) & 1u); /* round to nearest even (no NaN inputs here) */
+    return (uint16_t)(u >> 16);
+}
+
+static float float_of(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float x;
+    memcpy(&x, &u, sizeof x);
+    return x;
+}
+
+static uint32_t rng_state = 12345u;
+static float uniform(void) { /* in [-1, 1) */
+    rng_state = rng_state * 1664525u + 1013904223u;
+    return (float)(rng_state >> 8) / 8388608.0f - 1.0f;
+}
+
+static uint16_t *bf16_array(size_t n, int random) {
+    /* 16-byte aligned like device memory; at least one element so the pointer is never NULL. */
+    size_t bytes = ((n ? n : 1) * sizeof(uint16_t) + 15) / 16 * 16;
+    uint16_t *p = aligned_alloc(16, bytes);
+    for (size_t i = 0; i < n; i++) p[i] = random ? bf16_of(uniform()) : 0;
+    return p;
+}
+
+typedef struct {
+    uint32_t offset[KV], capacity[KV], len[KV], ring_head[KV];
+    int32_t mode[KV];
+} Segs;
+
+static Segs segments_of(const HeadwiseCache *cache) {
+    Segs s;
+    HeadwiseLayout *l = NULL;
+    OK(headwise_cache_layout(cache, &l));
+    OK(headwise_layout_segments(l, KV, s.offset, s.capacity, s.len, s.ring_head, s.mode, NULL, NULL));
+    OK(headwise_layout_free(l));
+    return s;
+}
+
+/* The prompt position whose K row equals cache row `row` of head `h`, or -1. */
+static int source_of(const uint16_t *cache_k, size_t row, const uint16_t *prompt_k, int h) {
+    for (int t = 0; t < Q_LEN; t++) {
+        if (memcmp(cache_k + row * D, prompt_k + ((size_t)h * Q_LEN + t) * D, D * sizeof(uint16_t)) == 0) return t;
+    }
+    return -1;
+}
+
+/* Decode attention of one query head over `n` rows from `first`, in float: out[D], returns lse. */
+static float reference_attention(const uint16_t *k, const uint16_t *v, size_t first, uint32_t n, const uint16_t *q,
+                                 float *out) {
+    float scale = 1.0f / sqrtf((float)D), m = -INFINITY, sum = 0.0f;
+    float *logit = malloc((n ? n : 1) * sizeof(float));
+    for (uint32_t t = 0; t < n; t++) {
+        float dot = 0.0f;
+        for (int d = 0; d < D; d++) dot += float_of(q[d]) * float_of(k[(first + t) * D + d]);
+        logit[t] = dot * scale;
+        if (logit[t] > m) m = logit[t];
+    }
+    for (int d = 0; d < D; d++) out[d] = 0.0f;
+    for (uint32_t t = 0; t < n; t++) {
+        float p = expf(logit[t] - m);
+        sum += p;
+        for (int d = 0; d < D; d++) out[d] += p * float_of(v[(first + t) * D + d]);
+    }
+    for (int d = 0; d < D; d++) out[d] /= sum;
+    free(logit);
+    return m + logf(sum);
+}
+
+static void test_emulator(void) {
+    HeadwiseStore *store = SENTINEL;
+    INVALID(headwise_emulator_create(NULL), "out");
+    OK(headwise_emulator_create(&store));
+    CHECK(store != NULL && store != SENTINEL);
+
+    /* Full segments sized for the budgets plus 16 rows of decode headroom. */
+    const uint32_t budgets[KV] = {24, 16};
+    HeadwiseLayout *layout = NULL;
+    OK(headwise_layout_pack(1, KV, 16, NULL, budgets, NULL, NULL, &layout));
+    uint64_t total_rows = 0;
+    OK(headwise_layout_total_rows(layout, &total_rows));
+    uint16_t *k = bf16_array(total_rows * D, 0), *v = bf16_array(total_rows * D, 0);
+    uint16_t *pk = bf16_array((size_t)KV * Q_LEN * D, 1), *pv = bf16_array((size_t)KV * Q_LEN * D, 1);
+    uint16_t *pq = bf16_array((size_t)HEADS * WIN * D, 1);
+
+    HeadwiseCache *cache = SENTINEL;
+    INVALID(headwise_cache_create(store, layout, HEADWISE_DTYPE_BF16, D, (char *)k + 1, v, &cache), "k");
+    CHECK(cache == NULL);
+    OK(headwise_cache_create(store, layout, HEADWISE_DTYPE_BF16, D, k, v, &cache));
+
+    /* Prefill compression: each head keeps its budget, window included, in prompt order. */
+    HeadwiseSelectOptions opts;
+    OK(headwise_select_options_default(&opts));
+    opts.window = WIN;
+    HeadwisePrompt prompt = {pk, pv, pq, 1, KV, G, Q_LEN};
+    INVALID(headwise_cache_compress_into(cache, &prompt, &opts, budgets, 1), "budgets");
+    OK(headwise_cache_compress_into(cache, &prompt, &opts, budgets, KV));
+    Segs s = segments_of(cache);
+    for (int h = 0; h < KV; h++) {
+        CHECK(s.len[h] == budgets[h]);
+        int previous = -1, in_order = 1, found = 1;
+        for (uint32_t i = 0; i < s.len[h]; i++) {
+            int t = source_of(k, s.offset[h] + i, pk, h);
+            found &= t >= 0;
+            in_order &= t > previous;
+            previous = t;
+            /* V moved with K. */
+            if (t >= 0)
+                CHECK(memcmp(v + (s.offset[h] + i) * D, pv + ((size_t)h * Q_LEN + t) * D, D * sizeof(uint16_t)) == 0);
+        }
+        CHECK(found && in_order);
+        /* The observation window is always kept: the last WIN rows are the last WIN tokens. */
+        for (int w = 0; w < WIN; w++) CHECK(source_of(k, s.offset[h] + s.len[h] - WIN + w, pk, h) == Q_LEN - WIN + w);
+    }
+
+    /* Decode steps: append, attention against the reference, queries into the ring. */
+    HeadwiseQueryRing *ring = NULL;
+    INVALID(headwise_query_ring_create(store, HEADWISE_DTYPE_BF16, HEADS, 17, D, &ring), "alpha");
+    OK(headwise_query_ring_create(store, HEADWISE_DTYPE_BF16, HEADS, 8, D, &ring));
+    uint16_t *nk = bf16_array((size_t)KV * D, 1), *nv = bf16_array((size_t)KV * D, 1);
+    uint16_t *q = bf16_array((size_t)HEADS * D, 1), *out = bf16_array((size_t)HEADS * D, 0);
+    float lse[HEADS];
+    double worst = 0.0, worst_lse = 0.0;
+    for (int step = 0; step < 10; step++) {
+        for (int i = 0; i < KV * D; i++) nk[i] = bf16_of(uniform()), nv[i] = bf16_of(uniform());
+        for (int i = 0; i < HEADS * D; i++) q[i] = bf16_of(uniform());
+        OK(headwise_cache_append(cache, nk, nv));
+        s = segments_of(cache);
+        for (int h = 0; h < KV; h++)
+            CHECK(memcmp(k + (s.offset[h] + s.len[h] - 1) * D, nk + (size_t)h * D, D * sizeof(uint16_t)) == 0);
+        OK(headwise_cache_attention(cache, q, G, out, lse, 0.0f, 0));
+        for (int head = 0; head < HEADS; head++) {
+            int h = head / G;
+            float want[D];
+            float want_lse = reference_attention(k, v, s.offset[h], s.len[h], q + (size_t)head * D, want);
+            for (int d = 0; d < D; d++) {
+                double err = fabs((double)float_of(out[head * D + d]) - want[d]);
+                if (err > worst) worst = err;
+            }
+            if (fabs((double)lse[head] - want_lse) > worst_lse) worst_lse = fabs((double)lse[head] - want_lse);
+        }
+        OK(headwise_query_ring_push(ring, q));
+    }
+    /* bf16 output: half an ulp of values below 1 is 2^-9; the reference rounds differently. */
+    CHECK(worst < 1.0 / 128);
+    CHECK(worst_lse < 1e-4);
+    printf("capi_test: emulator decode attention vs the C reference: max |err| %.2e (out), %.2e (lse)\n", worst,
+           worst_lse);
+
+    /* R-KV eviction, forced on both heads: each keeps the budget, the newest alpha rows last. */
+    HeadwiseRkvOptions rkv;
+    OK(headwise_rkv_options_default(20, &rkv));
+    Segs before = segments_of(cache);
+    uint16_t *old_k = bf16_array(total_rows * D, 0);
+    memcpy(old_k, k, total_rows * D * sizeof(uint16_t));
+    const uint8_t forced[KV] = {1, 1};
+    uint8_t compacted[KV] = {9, 9};
+    INVALID(headwise_cache_evict(cache, ring, G, &rkv, forced, KV, compacted, 1), "compacted_len");
+    OK(headwise_cache_evict(cache, ring, G, &rkv, forced, KV, compacted, KV));
+    s = segments_of(cache);
+    for (int h = 0; h < KV; h++) {
+        CHECK(compacted[h] == 1 && s.len[h] == 20);
+        /* Every kept row was a row of the segment before, in the same order. */
+        uint32_t j = 0;
+        for (uint32_t i = 0; i < s.len[h]; i++) {
+            while (j < before.len[h] &&
+                   memcmp(k + (s.offset[h] + i) * D, old_k + (before.offset[h] + j) * D, D * sizeof(uint16_t)) != 0)
+                j++;
+            CHECK(j < before.len[h]);
+            j++;
+        }
+        for (uint32_t a = 0; a < rkv.alpha; a++)
+            CHECK(memcmp(k + (s.offset[h] + s.len[h] - rkv.alpha + a) * D,
+                         old_k + (before.offset[h] + before.len[h] - rkv.alpha + a) * D, D * sizeof(uint16_t)) == 0);
+    }
+
+    /* Relayout into larger buffers, then decode on a new cache over them. */
+    HeadwiseLayout *now = NULL, *grown = NULL;
+    OK(headwise_cache_layout(cache, &now));
+    OK(headwise_layout_regrown(now, 32, &grown));
+    uint64_t grown_rows = 0;
+    OK(headwise_layout_total_rows(grown, &grown_rows));
+    uint16_t *k2 = bf16_array(grown_rows * D, 0), *v2 = bf16_array(grown_rows * D, 0);
+    OK(headwise_cache_relayout_into(cache, grown, k2, v2));
+    HeadwiseCache *cache2 = NULL;
+    OK(headwise_cache_create(store, grown, HEADWISE_DTYPE_BF16, D, k2, v2, &cache2));
+    OK(headwise_cache_append(cache2, nk, nv));
+    Segs g2 = segments_of(cache2);
+    for (int h = 0; h < KV; h++) {
+        CHECK(g2.len[h] == s.len[h] + 1);
+        CHECK(memcmp(k2 + g2.offset[h] * D, k + s.offset[h] * D, s.len[h] * D * sizeof(uint16_t)) == 0);
+    }
+
+    /* AdaKV: budgets allocated from the scores, on a fresh cache of the same layout. */
+    HeadwiseCache *ada = NULL;
+    uint16_t *k3 = bf16_array(total_rows * D, 0), *v3 = bf16_array(total_rows * D, 0);
+    OK(headwise_cache_create(store, layout, HEADWISE_DTYPE_BF16, D, k3, v3, &ada));
+    OK(headwise_cache_compress_into_adakv(ada, &prompt, &opts, 16, 0.2f));
+    s = segments_of(ada);
+    /* Bp = 16 - WIN = 8 per head: the top 2 * 8 scores are counted per head (c0 + c1 = 16),
+     * each keeps round(0.8 * c + floor(0.2 * 8)) = round(0.8 * c) + 1 beyond its window, so the
+     * total is 16 + 2 + 12.8 rounded per head: 30..32, and every head keeps at least WIN + 1. */
+    CHECK(s.len[0] + s.len[1] >= 30 && s.len[0] + s.len[1] <= 32);
+    CHECK(s.len[0] >= WIN + 1 && s.len[1] >= WIN + 1);
+
+    /* A ring of the other dtype cannot drive this cache. */
+    HeadwiseQueryRing *f16_ring = NULL;
+    OK(headwise_query_ring_create(store, HEADWISE_DTYPE_F16, HEADS, 8, D, &f16_ring));
+    INVALID(headwise_cache_evict(cache, f16_ring, G, &rkv, forced, KV, NULL, 0), "ring");
+
+    OK(headwise_store_synchronize(store));
+    OK(headwise_query_ring_free(f16_ring));
+    OK(headwise_cache_free(ada));
+    OK(headwise_cache_free(cache2));
+    OK(headwise_cache_free(cache));
+    OK(headwise_query_ring_free(ring));
+    OK(headwise_layout_free(grown));
+    OK(headwise_layout_free(now));
+    OK(headwise_layout_free(layout));
+    OK(headwise_store_free(store));
+    uint16_t *buffers[] = {k, v, pk, pv, pq, nk, nv, q, out, old_k, k2, v2, k3, v3};
+    for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++) free(buffers[i]);
 }
 
 int main(void) {
@@ -515,6 +750,7 @@ int main(void) {
     test_head_scores();
     test_option_defaults();
     test_gpu();
+    test_emulator();
     printf("capi_test: %d passed, %d failed\n", checks - failures, failures);
     return failures == 0 ? 0 : 1;
 }

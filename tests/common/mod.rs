@@ -5,6 +5,8 @@ use headwise::layout::{LayerLayout, Segment, SegmentMode};
 use headwise::{Error, KvElem, LayerCache, Store, reference};
 use proptest::prelude::*;
 
+#[cfg(feature = "capi")]
+pub mod capi_loop;
 pub mod select;
 
 /// One segment of a random layout: its mode and initial length (Full) plus headroom.

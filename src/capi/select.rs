@@ -1,0 +1,244 @@
+//! Prefill compression (SnapKV scoring, per-row top-k, gather) into a cache handle.
+
+use super::args::{handle_mut, input, input_struct, out_value, product};
+use super::cache::{HeadwiseCache, with_cache};
+use super::errors::boundary;
+use super::store::CStore;
+use crate::cache::LayerCache;
+use crate::dtype::KvElem;
+use crate::error::{Error, Result};
+use crate::select::{self, Budgets, GqaReduce, Granularity, Pool, Prompt, SelectOptions, SelectWorkspace};
+use crate::store::check_aligned;
+use std::ffi::{c_int, c_void};
+
+/// Prefill pooling: max-pool (SnapKV's default).
+pub const HEADWISE_POOL_MAX: c_int = 0;
+/// Prefill pooling: average-pool, zero padding counted.
+pub const HEADWISE_POOL_AVG: c_int = 1;
+/// GQA reduction over a group's query heads: mean.
+pub const HEADWISE_GQA_MEAN: c_int = 0;
+/// GQA reduction over a group's query heads: max.
+pub const HEADWISE_GQA_MAX: c_int = 1;
+/// One selection per KV head (real memory savings).
+pub const HEADWISE_GRANULARITY_KV_HEAD: c_int = 0;
+/// One selection per query head, each with its own K/V copy (the papers' G-fold storage).
+pub const HEADWISE_GRANULARITY_QUERY_HEAD: c_int = 1;
+
+/// Options of a prefill compression (`headwise_cache_compress_into*`). Start from
+/// `headwise_select_options_default`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct HeadwiseSelectOptions {
+    /// Observation window in tokens: the last `window` prompt tokens, always kept, whose queries
+    /// score the prefix (1..=q_len; default 32).
+    pub window: u32,
+    /// Pooling kernel size, odd (default 7; 1 = no pooling).
+    pub pool_kernel: u32,
+    /// `HEADWISE_POOL_MAX` (default) or `HEADWISE_POOL_AVG`.
+    pub pool: c_int,
+    /// `HEADWISE_GQA_MEAN` (default) or `HEADWISE_GQA_MAX`.
+    pub gqa: c_int,
+    /// `HEADWISE_GRANULARITY_KV_HEAD` (default) or `HEADWISE_GRANULARITY_QUERY_HEAD`.
+    pub granularity: c_int,
+    /// Softmax scale; 0 means `1 / sqrt(head_dim)`.
+    pub scale: f32,
+    /// Tokens per block of the scoring passes; 0 lets headwise choose (a performance knob).
+    pub chunk_tokens: u32,
+}
+
+impl HeadwiseSelectOptions {
+    fn to_rust(self) -> Result<SelectOptions> {
+        Ok(SelectOptions {
+            window: self.window as usize,
+            pool_kernel: self.pool_kernel as usize,
+            pool: match self.pool {
+                HEADWISE_POOL_MAX => Pool::Max,
+                HEADWISE_POOL_AVG => Pool::Avg,
+                p => return Err(Error::invalid("opts.pool", format!("{p} is not a HEADWISE_POOL_* value"))),
+            },
+            gqa: match self.gqa {
+                HEADWISE_GQA_MEAN => GqaReduce::Mean,
+                HEADWISE_GQA_MAX => GqaReduce::Max,
+                g => return Err(Error::invalid("opts.gqa", format!("{g} is not a HEADWISE_GQA_* value"))),
+            },
+            granularity: match self.granularity {
+                HEADWISE_GRANULARITY_KV_HEAD => Granularity::KvHead,
+                HEADWISE_GRANULARITY_QUERY_HEAD => Granularity::QueryHead,
+                g => {
+                    return Err(Error::invalid(
+                        "opts.granularity",
+                        format!("{g} is not a HEADWISE_GRANULARITY_* value"),
+                    ));
+                }
+            },
+            scale: (self.scale != 0.0).then_some(self.scale),
+            headroom: 0,
+            chunk_tokens: (self.chunk_tokens != 0).then_some(self.chunk_tokens),
+        })
+    }
+}
+
+/// Writes SnapKV's defaults (window 32, max-pool 7, group mean, per KV head, default scale,
+/// automatic chunk) to `*out`.
+///
+/// # Safety
+/// `out` must be NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn headwise_select_options_default(out: *mut HeadwiseSelectOptions) -> c_int {
+    boundary(|| {
+        let d = SelectOptions::default();
+        // SAFETY: the caller's promise on `out`.
+        *unsafe { out_value(out, "out") }? = HeadwiseSelectOptions {
+            window: d.window as u32,
+            pool_kernel: d.pool_kernel as u32,
+            pool: HEADWISE_POOL_MAX,
+            gqa: HEADWISE_GQA_MEAN,
+            granularity: HEADWISE_GRANULARITY_KV_HEAD,
+            scale: 0.0,
+            chunk_tokens: 0,
+        };
+        Ok(())
+    })
+}
+
+/// One layer's prompt in the store's memory (device memory on a GPU, host memory on the
+/// emulator), for prefill compression. Elements are the
+/// cache's dtype; buffers 16-byte aligned.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct HeadwisePrompt {
+    /// Keys after RoPE, `[batch][kv_heads][q_len][head_dim]`.
+    pub k: *const c_void,
+    /// Values, same shape as `k`.
+    pub v: *const c_void,
+    /// The last `window` queries of every query head, `[batch][kv_heads * group_size][window]
+    /// [head_dim]` (query head `h * group_size + g` belongs to KV head `h`).
+    pub queries: *const c_void,
+    /// Sequences.
+    pub batch: usize,
+    /// KV heads per sequence.
+    pub kv_heads: usize,
+    /// Query heads per KV head (1..=16).
+    pub group_size: usize,
+    /// Prompt tokens per sequence.
+    pub q_len: usize,
+}
+
+fn compress_typed<S: CStore, T: KvElem>(
+    c: &mut LayerCache<S, T>,
+    ws: &mut SelectWorkspace<S>,
+    p: &HeadwisePrompt,
+    opts: &SelectOptions,
+    budgets: Budgets<'_>,
+) -> Result<()> {
+    let d = c.head_dim();
+    let kv = product("batch * kv_heads * q_len * head_dim", &[p.batch, p.kv_heads, p.q_len, d])?;
+    let qn = product(
+        "batch * kv_heads * group_size * window * head_dim",
+        &[p.batch, p.kv_heads, p.group_size, opts.window, d],
+    )?;
+    // The kernels' 16-byte check, made here so the error names the C field (`prompt.k`), not
+    // the Rust one (`k`).
+    for (field, ptr) in [("prompt.k", p.k), ("prompt.v", p.v), ("prompt.queries", p.queries)] {
+        check_aligned(field, ptr.addr() as u64)?;
+    }
+    // SAFETY: the caller's promise on the prompt's buffers (HeadwisePrompt's shapes).
+    let (k, v, queries) = unsafe {
+        (
+            S::borrow::<T>(p.k, kv, "prompt.k")?,
+            S::borrow::<T>(p.v, kv, "prompt.v")?,
+            S::borrow::<T>(p.queries, qn, "prompt.queries")?,
+        )
+    };
+    let prompt = Prompt {
+        k: &k,
+        v: &v,
+        queries: &queries,
+        batch: p.batch,
+        kv_heads: p.kv_heads,
+        group_size: p.group_size,
+        q_len: p.q_len,
+        head_dim: d,
+    };
+    select::compress_into(c, &prompt, budgets, opts, ws)
+}
+
+/// Shared body of the two compression entry points: `adakv` is `(base, floor_alpha)`, else the
+/// budgets are `budgets[num_budgets]`.
+///
+/// # Safety
+/// As `headwise_cache_compress_into`.
+unsafe fn compress(
+    cache: *mut HeadwiseCache,
+    prompt: *const HeadwisePrompt,
+    opts: *const HeadwiseSelectOptions,
+    budgets: *const u32,
+    num_budgets: usize,
+    adakv: Option<(u32, f32)>,
+) -> c_int {
+    boundary(|| {
+        // SAFETY (this block): the caller's promise on every pointer and length.
+        let cache = unsafe { handle_mut(cache, "cache") }?;
+        let prompt = unsafe { input_struct(prompt, "prompt") }?;
+        let opts = if opts.is_null() {
+            SelectOptions::default()
+        } else {
+            unsafe { input_struct(opts, "opts") }?.to_rust()?
+        };
+        let budgets = match adakv {
+            Some((base, floor_alpha)) => Budgets::AdaKv { base, floor_alpha },
+            None => Budgets::PerRow(unsafe { input(budgets, num_budgets, "budgets") }?),
+        };
+        with_cache!(&mut cache.inner, c, ws => compress_typed(c, &mut ws.select, prompt, &opts, budgets))
+    })
+}
+
+/// Prefill compression of one layer (SnapKV scoring, per-row top-k, gather) into the cache,
+/// whose layout must have one Full segment per score row (`batch * kv_heads` rows, or `batch *
+/// kv_heads * group_size` with `HEADWISE_GRANULARITY_QUERY_HEAD`) with capacity for
+/// `min(budget, q_len)` rows; each segment's `len` becomes that count. `budgets[num_budgets]`
+/// holds one budget per row in tokens, window included (uniform, PyramidKV or HeadKV, from the
+/// `headwise_budget_*` functions); each at least the window. `opts` NULL means
+/// `headwise_select_options_default`.
+///
+/// Asynchronous on a GPU store: returns once every kernel is enqueued on its stream; the prompt
+/// buffers must stay valid until they have run.
+///
+/// # Safety
+/// `cache`, `prompt`, `opts` NULL or valid; the prompt's pointers hold the sizes
+/// `HeadwisePrompt` states, written before this call in the stream's order; `budgets` NULL or
+/// `num_budgets` readable elements.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn headwise_cache_compress_into(
+    cache: *mut HeadwiseCache,
+    prompt: *const HeadwisePrompt,
+    opts: *const HeadwiseSelectOptions,
+    budgets: *const u32,
+    num_budgets: usize,
+) -> c_int {
+    // SAFETY: forwarded.
+    unsafe { compress(cache, prompt, opts, budgets, num_budgets, None) }
+}
+
+/// As `headwise_cache_compress_into` with AdaKV budgets allocated on the device after scoring:
+/// per sequence, `base` tokens per row on average (window included), of which the share
+/// `floor_alpha` (in [0, 1]; the authors use 0.2) is every row's floor and the rest follows the
+/// scores. Segment capacities must hold each row's count (at most `q_len`), or the call fails
+/// before the gather.
+///
+/// Synchronous with the stream: the per-row counts come back to the host, so this waits for
+/// the scoring kernels to finish before enqueueing the gather.
+///
+/// # Safety
+/// As `headwise_cache_compress_into`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn headwise_cache_compress_into_adakv(
+    cache: *mut HeadwiseCache,
+    prompt: *const HeadwisePrompt,
+    opts: *const HeadwiseSelectOptions,
+    base: u32,
+    floor_alpha: f32,
+) -> c_int {
+    // SAFETY: forwarded.
+    unsafe { compress(cache, prompt, opts, std::ptr::null(), 0, Some((base, floor_alpha))) }
+}
