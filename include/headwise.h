@@ -87,6 +87,12 @@
 #define HEADWISE_ERROR_INVARIANT 8
 
 /**
+ * The library was built without the Cargo feature this call needs: `cuda` for
+ * `headwise_gpu_create`, `emulator` for `headwise_emulator_create` (the message names it).
+ */
+#define HEADWISE_ERROR_FEATURE_OFF 9
+
+/**
  * Segment mode: tokens in position order, appending to a full segment fails. The same value
  * the device table's mode array holds.
  */
@@ -904,7 +910,8 @@ int headwise_gpu_kernels_built(int32_t *out);
  * owns (NULL is the legacy default stream). Caches over it take device pointers. GPU kernel
  * modules load once per handle, on first use.
  *
- * Errors: `HEADWISE_ERROR_NO_KERNELS` (built without nvcc), `HEADWISE_ERROR_NO_GPU` (no driver,
+ * Errors: `HEADWISE_ERROR_FEATURE_OFF` (built without the `cuda` feature),
+ * `HEADWISE_ERROR_NO_KERNELS` (built without nvcc), `HEADWISE_ERROR_NO_GPU` (no driver,
  * no such device), `HEADWISE_ERROR_INVALID_ARGUMENT` (negative device, a stream of another
  * context), `HEADWISE_ERROR_DRIVER`.
  *
@@ -922,6 +929,7 @@ int headwise_gpu_create(int device, void *stream, struct HeadwiseStore **out);
  * CPU, synchronously (a call returns when its kernels have run), with kernel bugs the emulator
  * detects reported as `HEADWISE_ERROR_EMULATOR`. For machines without a GPU: tests, CI, and
  * checking an integration before it meets a device. One kernel runs at a time per process.
+ * `HEADWISE_ERROR_FEATURE_OFF` when built without the `emulator` feature.
  *
  * # Safety
  * `out` must be NULL or writable.

@@ -29,6 +29,7 @@ use crate::store::{KernelParams, Store, check_aligned};
 // take exactly this struct by value.
 unsafe impl KernelParams for HwAttentionParams {}
 // SAFETY: repr(C) plain data, passed by value as a kernel argument.
+#[cfg(feature = "cuda")]
 unsafe impl cudarc::driver::DeviceRepr for HwAttentionParams {}
 
 /// Largest supported GQA group size.

@@ -18,7 +18,9 @@ use crate::store::{KernelParams, Store, check_aligned};
 unsafe impl KernelParams for HwAppendParams {}
 unsafe impl KernelParams for HwRelayoutParams {}
 // SAFETY: repr(C) plain data (pointers and integers), passed by value as a kernel argument.
+#[cfg(feature = "cuda")]
 unsafe impl cudarc::driver::DeviceRepr for HwAppendParams {}
+#[cfg(feature = "cuda")]
 unsafe impl cudarc::driver::DeviceRepr for HwRelayoutParams {}
 
 /// Warps per block of the append kernel (one segment per warp); matches `kAppendWarpsPerBlock`

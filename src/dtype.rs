@@ -1,12 +1,10 @@
 //! Element types of the cache: f16 and bf16 (the `half` crate's types, bit-compatible with
 //! CUDA's `__half` and `__nv_bfloat16`).
 
-use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
+use crate::store::Elem;
 
 /// A K/V element type the kernels support.
-pub trait KvElem:
-    bytemuck::Pod + DeviceRepr + ValidAsZeroBits + Default + Send + Sync + std::fmt::Debug + 'static
-{
+pub trait KvElem: Elem + Default + std::fmt::Debug {
     /// The runtime tag of this type.
     const DTYPE: DType;
     /// Converts from f32 (round to nearest even, as CUDA's `__float2half`/`__float2bfloat16`).

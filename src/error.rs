@@ -37,8 +37,17 @@ pub enum Error {
     )]
     NoKernels,
     /// An error reported by the CUDA driver.
+    #[cfg(feature = "cuda")]
     #[error("CUDA driver: {0}")]
     Driver(#[from] cudarc::driver::DriverError),
+    /// The call needs a backend this build left out: `feature` is `cuda` (the GPU path) or
+    /// `emulator` (the CPU SIMT emulator). Only the C ABI, whose functions exist in every
+    /// build, reports it; in Rust the missing backend's types do not exist.
+    #[error("headwise was built without the `{feature}` feature, which this call needs")]
+    FeatureOff {
+        /// The Cargo feature that is off.
+        feature: &'static str,
+    },
     /// A compaction broke one of its guarantees (a kept row differs from its source, a window
     /// or sink token is missing, a count differs from the budget). Only raised when the
     /// invariant checks are on ([`crate::invariants`]); it means a bug in headwise.

@@ -18,6 +18,7 @@ pub(crate) fn lookup(name: &str, field: &str) -> Result<&'static str> {
 }
 
 /// Index into `MODULES`/`FATBINS` of the file holding kernel `name`.
+#[cfg(feature = "cuda")]
 pub(crate) fn module_of(name: &str) -> Option<usize> {
     KERNELS.iter().find(|(n, _)| *n == name).map(|&(_, m)| m)
 }

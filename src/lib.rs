@@ -2,8 +2,9 @@
 //!
 //! Each (sequence, layer, KV head) keeps its own number of cached tokens in real ragged storage
 //! ([`layout`]); kernels append, compress and attend over it. Every kernel runs three ways: on
-//! the GPU ([`gpu::GpuStore`]), through the CPU SIMT emulator from the same CUDA source
-//! ([`emu::EmuStore`]), and as a plain CPU [`reference`](mod@reference). See ARCHITECTURE.md for the map.
+//! the GPU (`gpu::GpuStore`, feature `cuda`), through the CPU SIMT emulator from the same CUDA
+//! source (`emu::EmuStore`, feature `emulator`), and as a plain CPU [`reference`](mod@reference).
+//! Both features are on by default. See ARCHITECTURE.md for the map.
 #![deny(missing_docs)]
 #![doc = include_str!("../README.md")]
 
@@ -11,9 +12,14 @@ pub mod attention;
 pub mod cache;
 #[cfg(feature = "capi")]
 pub mod capi;
+// The C ABI's store handles need a backend; layouts and policies alone are the Rust API's.
+#[cfg(all(feature = "capi", not(any(feature = "cuda", feature = "emulator"))))]
+compile_error!("the `capi` feature needs the `cuda` or the `emulator` feature (or both, the default)");
 pub mod dtype;
+#[cfg(feature = "emulator")]
 pub mod emu;
 pub mod error;
+#[cfg(feature = "cuda")]
 pub mod gpu;
 pub mod invariants;
 mod kernels;
@@ -24,6 +30,7 @@ pub mod policy;
 pub mod redundancy;
 pub mod reference;
 pub mod select;
+#[cfg(feature = "emulator")]
 #[doc(hidden)]
 pub mod simt_selftest;
 pub mod store;
@@ -31,8 +38,10 @@ pub mod store;
 pub use attention::{AttentionOptions, AttentionWorkspace};
 pub use cache::LayerCache;
 pub use dtype::{DType, KvElem};
+#[cfg(feature = "emulator")]
 pub use emu::{EmuBuf, EmuStore};
 pub use error::{Error, Result};
+#[cfg(feature = "cuda")]
 pub use gpu::{GpuBuf, GpuStore};
 pub use layout::{LayerLayout, LayoutBuilder, Segment, SegmentMode};
 pub use store::Store;

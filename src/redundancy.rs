@@ -33,7 +33,9 @@ use crate::store::{KernelParams, Store, check_aligned, ensure};
 unsafe impl KernelParams for HwRkvParams {}
 unsafe impl KernelParams for HwQueryPushParams {}
 // SAFETY: repr(C) plain data, passed by value as kernel arguments.
+#[cfg(feature = "cuda")]
 unsafe impl cudarc::driver::DeviceRepr for HwRkvParams {}
+#[cfg(feature = "cuda")]
 unsafe impl cudarc::driver::DeviceRepr for HwQueryPushParams {}
 
 /// Largest `alpha` (queries per head in the ring, and window tokens) the kernels support.

@@ -49,6 +49,7 @@ use crate::store::{KernelParams, Store, check_aligned, ensure};
 // takes exactly this struct by value.
 unsafe impl KernelParams for HwSelectParams {}
 // SAFETY: repr(C) plain data, passed by value as a kernel argument.
+#[cfg(feature = "cuda")]
 unsafe impl cudarc::driver::DeviceRepr for HwSelectParams {}
 
 /// Largest supported GQA group size (query heads per KV head).

@@ -2,24 +2,46 @@
 //!
 //! Every operation is written once, generic over [`Store`]: validate on the host, fill a params
 //! struct from `cuda/params.h` with buffer addresses, launch by kernel name. Two stores exist:
-//! [`crate::emu::EmuStore`] (host memory, kernels run by the CPU SIMT emulator) and
-//! [`crate::gpu::GpuStore`] (CUDA device memory, kernels from the embedded fatbins). Both run the
-//! same `.cu` source.
+//! `EmuStore` (feature `emulator`: host memory, kernels run by the CPU SIMT emulator) and
+//! `GpuStore` (feature `cuda`: CUDA device memory, kernels from the embedded fatbins). Both run
+//! the same `.cu` source.
 
 use crate::error::Result;
 use crate::params::HwLaunch;
-use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
 
+/// Plain data a store can hold: the cache dtypes and the int32 metadata. With the `cuda`
+/// feature also what cudarc needs to allocate and copy it (every plain-data type qualifies).
+#[cfg(feature = "cuda")]
+pub trait Elem:
+    bytemuck::Pod + cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Send + Sync + 'static
+{
+}
+#[cfg(feature = "cuda")]
+impl<T: bytemuck::Pod + cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Send + Sync + 'static>
+    Elem for T
+{
+}
 /// Plain data a store can hold: the cache dtypes and the int32 metadata.
-pub trait Elem: bytemuck::Pod + DeviceRepr + ValidAsZeroBits + Send + Sync + 'static {}
-impl<T: bytemuck::Pod + DeviceRepr + ValidAsZeroBits + Send + Sync + 'static> Elem for T {}
+#[cfg(not(feature = "cuda"))]
+pub trait Elem: bytemuck::Pod + Send + Sync + 'static {}
+#[cfg(not(feature = "cuda"))]
+impl<T: bytemuck::Pod + Send + Sync + 'static> Elem for T {}
 
+/// A launch-parameter struct from `cuda/params.h` (with the `cuda` feature also cudarc's
+/// `DeviceRepr`, so it is passed to the kernel by value).
+///
+/// # Safety
+/// Implement only for `#[repr(C)]` plain-data structs generated from `cuda/params.h`, whose
+/// kernel signature takes exactly that struct by value.
+#[cfg(feature = "cuda")]
+pub unsafe trait KernelParams: cudarc::driver::DeviceRepr + Copy {}
 /// A launch-parameter struct from `cuda/params.h`.
 ///
 /// # Safety
 /// Implement only for `#[repr(C)]` plain-data structs generated from `cuda/params.h`, whose
 /// kernel signature takes exactly that struct by value.
-pub unsafe trait KernelParams: DeviceRepr + Copy {}
+#[cfg(not(feature = "cuda"))]
+pub unsafe trait KernelParams: Copy {}
 
 /// A place that holds buffers and runs kernels over them.
 pub trait Store: Clone {

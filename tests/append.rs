@@ -1,5 +1,6 @@
 //! Append through the emulator against the CPU reference (see common::append_scenario for what
 //! is checked after every step).
+#![cfg(feature = "emulator")]
 
 mod common;
 

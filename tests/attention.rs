@@ -1,5 +1,6 @@
 //! Decode attention through the emulator against the f64 reference (see
 //! common::attention_scenario for what is checked).
+#![cfg(feature = "emulator")]
 
 mod common;
 

@@ -3,7 +3,8 @@
 //! to the staticlib, runs each and requires exit status 0. Also compiles the header as C++
 //! (`CXX`, else `c++`), the language most engines include it from. No GPU needed: the C program
 //! checks that the GPU entry points say there is none and runs every operation on the emulator.
-#![cfg(feature = "capi")]
+// The C program runs every operation on the emulator store.
+#![cfg(all(feature = "capi", feature = "emulator"))]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1,7 +1,7 @@
 //! The C ABI on the emulator store (`headwise_emulator_create`, `--features capi`): the decode
 //! loop of tests/common/capi_loop.rs, C functions against the Rust API bit for bit, in both
 //! dtypes, plus the emulator handle's own argument checks. Runs everywhere: no GPU needed.
-#![cfg(feature = "capi")]
+#![cfg(all(feature = "capi", feature = "emulator"))]
 
 mod common;
 

@@ -5,6 +5,7 @@
 //! `HEADWISE_GPU_QUICK=1` keeps every kernel, dtype and head_dim but cuts the shapes: fewer
 //! group sizes, 8 proptest cases instead of 64, 32k-token long rows instead of 128k+ (the GPU
 //! pass, scripts/gpu_pass.py, runs this first and the full set when time remains).
+#![cfg(feature = "cuda")]
 
 mod common;
 

@@ -15,6 +15,7 @@
 //!    layout packed at offset 0; every output must agree bit for bit. An offset formed in 32
 //!    bits anywhere (gather, append, attention, R-KV scoring or compaction) reads or writes
 //!    another row and breaks the equality.
+#![cfg(feature = "emulator")]
 
 mod common;
 

@@ -36,8 +36,11 @@
 //! refusable before a launch, by design: AdaKV counts, known only after scoring, that overflow a
 //! `compress_into` destination or (above the window per row) the headroom. Not driven: an R-KV
 //! segment past the 65535 * 32 tokens a step supports (it needs a cache of hundreds of MB).
+#![cfg(feature = "emulator")]
 
 use half::bf16;
+#[cfg(feature = "cuda")]
+use headwise::GpuStore;
 use headwise::attention::{AttentionOptions, AttentionWorkspace, MAX_GROUP, MAX_SPLITS};
 use headwise::dtype::{SUPPORTED_HEAD_DIMS, check_head_dim};
 use headwise::layout::{LayerLayout, LayoutBuilder, MAX_BUILDER_SEGMENTS, MAX_ROWS, Segment, SegmentMode};
@@ -53,7 +56,7 @@ use headwise::select::{
     SelectWorkspace, compress, compress_into,
 };
 use headwise::store::{Elem, KernelParams};
-use headwise::{EmuBuf, EmuStore, Error, GpuStore, LayerCache, Store};
+use headwise::{EmuBuf, EmuStore, Error, LayerCache, Store};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use std::cell::{Cell, RefCell};
@@ -83,6 +86,7 @@ const ENTRY_POINTS: &[fn(&mut Battery)] = &[
     cache_relayout_into,
     cache_attention,
     emu_store,
+    #[cfg(feature = "cuda")]
     gpu_store_new,
     select_compress,
     select_compress_into,
@@ -1910,6 +1914,7 @@ fn emu_store(b: &mut Battery) {
     });
 }
 
+#[cfg(feature = "cuda")]
 fn gpu_store_new(b: &mut Battery) {
     // No machine has this many devices: NoGpu on a GPU machine, NoGpu or NoKernels elsewhere.
     b.run("GpuStore::new", 20, prop_oneof![1usize << 20..usize::MAX, Just(usize::MAX)], |p, ordinal| {
@@ -2900,7 +2905,11 @@ mod c {
                     (Expect::SegmentFull(s), HEADWISE_ERROR_SEGMENT_FULL) => {
                         msg.starts_with(&format!("segment {s} is full"))
                     }
-                    (Expect::NoDevice, HEADWISE_ERROR_NO_GPU | HEADWISE_ERROR_NO_KERNELS) => true,
+                    // A build without the `cuda` feature has no GPU path at all.
+                    (
+                        Expect::NoDevice,
+                        HEADWISE_ERROR_NO_GPU | HEADWISE_ERROR_NO_KERNELS | HEADWISE_ERROR_FEATURE_OFF,
+                    ) => true,
                     _ => false,
                 };
             if ok {

@@ -1,5 +1,6 @@
 //! The "nothing lost" debug checks: they accept correct compactions (prefill selection, R-KV,
 //! regrow, all run here with the checks on) and reject each kind of broken result.
+#![cfg(feature = "emulator")]
 
 mod common;
 

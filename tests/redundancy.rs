@@ -1,5 +1,6 @@
 //! R-KV eviction through the emulator against the f64 reference (see common::rkv_scenario for
 //! what is checked), including the WMMA similarity and importance paths.
+#![cfg(feature = "emulator")]
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! Prefill compression through the emulator against the f64 reference (see
 //! common::select_scenario for what is checked).
+#![cfg(feature = "emulator")]
 
 mod common;
 

@@ -5,6 +5,7 @@
 //! - planted kernel bugs reported in every order, naming the thread and the offending line;
 //! - the schedule knob exposing a missing barrier that the default order hides;
 //! - in sanitized builds, AddressSanitizer catching a shared-memory overrun at its line.
+#![cfg(feature = "emulator")]
 
 use headwise::simt_selftest as selftest;
 use std::process::Command;

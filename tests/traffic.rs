@@ -2,6 +2,7 @@
 //! exactly once per query group, with full 32-byte sectors; the counter itself is checked on
 //! patterns whose counts are known in closed form (exact output bytes, linear scaling, the
 //! merge kernel's strided scalar reads, the q_s bank conflicts).
+#![cfg(feature = "emulator")]
 
 mod common;
 

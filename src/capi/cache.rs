@@ -8,8 +8,10 @@ use super::store::{Backend, CStore, HeadwiseStore, borrow_in};
 use crate::attention::AttentionWorkspace;
 use crate::cache::LayerCache;
 use crate::dtype::{DType, KvElem, check_head_dim};
+#[cfg(feature = "emulator")]
 use crate::emu::EmuStore;
 use crate::error::Result;
+#[cfg(feature = "cuda")]
 use crate::gpu::GpuStore;
 use crate::layout::LayerLayout;
 use crate::redundancy::RkvWorkspace;
@@ -39,8 +41,21 @@ pub(super) struct Cache<S: Store> {
 // One variant per handle, behind the handle's Box: the GPU variant's size costs nothing.
 #[allow(clippy::large_enum_variant)]
 pub(super) enum CacheInner {
+    #[cfg(feature = "cuda")]
     Gpu(Cache<GpuStore>),
+    #[cfg(feature = "emulator")]
     Emulator(Cache<EmuStore>),
+}
+
+impl CacheInner {
+    fn is_gpu(&self) -> bool {
+        match self {
+            #[cfg(feature = "cuda")]
+            CacheInner::Gpu(_) => true,
+            #[cfg(feature = "emulator")]
+            CacheInner::Emulator(_) => false,
+        }
+    }
 }
 
 /// One layer's ragged K/V cache in the caller's memory (device memory on a GPU store, host
@@ -57,6 +72,7 @@ macro_rules! with_cache {
     ($inner:expr, $c:ident, $ws:ident => $body:expr) => {{
         use $crate::capi::cache::{Cache, CacheInner, Kv};
         match $inner {
+            #[cfg(feature = "cuda")]
             CacheInner::Gpu(Cache { kv, ws: $ws }) => {
                 let _keep = $crate::capi::store::KeepCurrentContext::new();
                 match kv {
@@ -64,6 +80,7 @@ macro_rules! with_cache {
                     Kv::Bf16($c) => $body,
                 }
             }
+            #[cfg(feature = "emulator")]
             CacheInner::Emulator(Cache { kv, ws: $ws }) => match kv {
                 Kv::F16($c) => $body,
                 Kv::Bf16($c) => $body,
@@ -139,10 +156,12 @@ pub unsafe extern "C" fn headwise_cache_create(
         let dtype = dtype_of(dtype)?;
         check_head_dim(head_dim)?;
         let inner = match &store.backend {
+            #[cfg(feature = "cuda")]
             Backend::Gpu(s) => {
                 let _keep = super::store::KeepCurrentContext::new();
                 CacheInner::Gpu(new_cache(s, layout, dtype, head_dim, k, v)?)
             }
+            #[cfg(feature = "emulator")]
             Backend::Emulator(s) => CacheInner::Emulator(new_cache(s, layout, dtype, head_dim, k, v)?),
         };
         *out = Box::into_raw(Box::new(HeadwiseCache { inner }));
@@ -160,7 +179,7 @@ pub unsafe extern "C" fn headwise_cache_free(cache: *mut HeadwiseCache) -> c_int
     boundary(|| {
         if !cache.is_null() {
             // SAFETY: the caller's promise (a live handle).
-            let gpu = matches!(unsafe { &(*cache).inner }, CacheInner::Gpu(_));
+            let gpu = unsafe { &(*cache).inner }.is_gpu();
             let _keep = gpu.then(super::store::KeepCurrentContext::new);
             // SAFETY: the caller's promise.
             unsafe { free_handle(cache) };

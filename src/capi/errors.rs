@@ -30,6 +30,9 @@ pub const HEADWISE_ERROR_PANIC: c_int = 7;
 /// A compaction broke one of its guarantees, found by the opt-in invariant checks
 /// (`HEADWISE_CHECK_INVARIANTS=1`): a bug in headwise; the cache's contents are suspect.
 pub const HEADWISE_ERROR_INVARIANT: c_int = 8;
+/// The library was built without the Cargo feature this call needs: `cuda` for
+/// `headwise_gpu_create`, `emulator` for `headwise_emulator_create` (the message names it).
+pub const HEADWISE_ERROR_FEATURE_OFF: c_int = 9;
 
 thread_local! {
     static LAST_ERROR: RefCell<(c_int, String)> = const { RefCell::new((HEADWISE_OK, String::new())) };
@@ -42,7 +45,9 @@ pub(super) fn status_of(e: &Error) -> c_int {
         Error::SegmentFull { .. } => HEADWISE_ERROR_SEGMENT_FULL,
         Error::NoGpu(_) => HEADWISE_ERROR_NO_GPU,
         Error::NoKernels => HEADWISE_ERROR_NO_KERNELS,
+        #[cfg(feature = "cuda")]
         Error::Driver(_) => HEADWISE_ERROR_DRIVER,
+        Error::FeatureOff { .. } => HEADWISE_ERROR_FEATURE_OFF,
         Error::Emulator { .. } => HEADWISE_ERROR_EMULATOR,
         Error::Invariant { .. } => HEADWISE_ERROR_INVARIANT,
     }
@@ -136,6 +141,7 @@ pub extern "C" fn headwise_status_name(code: c_int) -> *const c_char {
         HEADWISE_ERROR_EMULATOR => c"HEADWISE_ERROR_EMULATOR",
         HEADWISE_ERROR_PANIC => c"HEADWISE_ERROR_PANIC",
         HEADWISE_ERROR_INVARIANT => c"HEADWISE_ERROR_INVARIANT",
+        HEADWISE_ERROR_FEATURE_OFF => c"HEADWISE_ERROR_FEATURE_OFF",
         _ => c"HEADWISE_UNKNOWN",
     };
     name.as_ptr()
@@ -170,8 +176,11 @@ mod tests {
             Error::SegmentFull { segment: 0, capacity: 1 },
             Error::NoGpu("none".into()),
             Error::NoKernels,
+            #[cfg(feature = "cuda")]
             Error::Driver(cudarc::driver::DriverError(cudarc::driver::sys::CUresult::CUDA_ERROR_UNKNOWN)),
             Error::Emulator { kernel: "k", message: "m".into() },
+            Error::Invariant { operation: "o", detail: "d".into() },
+            Error::FeatureOff { feature: "cuda" },
         ];
         let mut codes: Vec<c_int> = errors.iter().map(status_of).collect();
         codes.push(HEADWISE_ERROR_PANIC);

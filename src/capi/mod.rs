@@ -4,7 +4,7 @@
 //! engine (C ABI)" is the user's guide. The rules every function follows:
 //!
 //! - **Status codes.** Every function returns an `int`: [`HEADWISE_OK`] (0) or one code per
-//!   [`Error`] variant, plus [`HEADWISE_ERROR_PANIC`] for a bug caught at the boundary. No panic
+//!   [`Error`](crate::Error) variant, plus [`HEADWISE_ERROR_PANIC`] for a bug caught at the boundary. No panic
 //!   unwinds into C: every body runs under `catch_unwind` (so the library must be built with
 //!   `panic = "unwind"`, Cargo's default).
 //! - **Last error.** Every function except the three getters (`headwise_last_error_code`,

@@ -4,26 +4,42 @@
 
 use super::args::{free_handle, handle, out_handle, out_value};
 use super::errors::boundary;
+#[cfg(feature = "emulator")]
 use crate::emu::{EmuBuf, EmuStore};
 use crate::error::{Error, Result};
+#[cfg(feature = "cuda")]
 use crate::gpu::{GpuBuf, GpuStore};
 use crate::store::{Elem, Store};
+#[cfg(feature = "cuda")]
 use cudarc::driver::sys::CUcontext;
 use std::ffi::{c_int, c_void};
+#[cfg(feature = "cuda")]
 use std::ptr::null_mut;
 
 /// Restores the calling thread's current CUDA context when dropped. cudarc makes the device's
 /// primary context current before its driver calls; an engine that drives several devices from
 /// one thread (runtime API: `cudaSetDevice`) would otherwise find its next runtime call on the
 /// wrong device.
+#[cfg(feature = "cuda")]
 pub(super) struct KeepCurrentContext(CUcontext);
+/// Without the `cuda` feature there is no context to keep.
+#[cfg(not(feature = "cuda"))]
+pub(super) struct KeepCurrentContext;
+#[cfg(not(feature = "cuda"))]
+impl KeepCurrentContext {
+    pub(super) fn new() -> KeepCurrentContext {
+        KeepCurrentContext
+    }
+}
 
 /// The calling thread's current context; NULL when there is none, and before cuInit (when the
 /// query fails), so a thread that had no context gets none back.
+#[cfg(feature = "cuda")]
 pub(super) fn current_context() -> CUcontext {
     cudarc::driver::result::ctx::get_current().ok().flatten().unwrap_or(null_mut())
 }
 
+#[cfg(feature = "cuda")]
 impl KeepCurrentContext {
     /// Only call once libcuda is known to be loadable (a GPU handle exists, or
     /// `is_culib_present` said so): cudarc panics when it cannot load the library.
@@ -32,6 +48,7 @@ impl KeepCurrentContext {
     }
 }
 
+#[cfg(feature = "cuda")]
 impl Drop for KeepCurrentContext {
     fn drop(&mut self) {
         if current_context() != self.0 {
@@ -51,8 +68,21 @@ pub struct HeadwiseStore {
 }
 
 pub(super) enum Backend {
+    #[cfg(feature = "cuda")]
     Gpu(GpuStore),
+    #[cfg(feature = "emulator")]
     Emulator(EmuStore),
+}
+
+impl Backend {
+    pub(super) fn is_gpu(&self) -> bool {
+        match self {
+            #[cfg(feature = "cuda")]
+            Backend::Gpu(_) => true,
+            #[cfg(feature = "emulator")]
+            Backend::Emulator(_) => false,
+        }
+    }
 }
 
 /// What the C ABI needs of a store beyond [`Store`]: wrapping caller memory, and whether calls
@@ -78,6 +108,7 @@ fn check_extent<T>(ptr: *const c_void, len: usize, field: &str) -> Result<()> {
     Ok(())
 }
 
+#[cfg(feature = "cuda")]
 impl CStore for GpuStore {
     unsafe fn borrow<T: Elem>(ptr: *const c_void, len: usize, field: &str) -> Result<GpuBuf<T>> {
         check_extent::<T>(ptr, len, field)?;
@@ -86,6 +117,7 @@ impl CStore for GpuStore {
     }
 }
 
+#[cfg(feature = "emulator")]
 impl CStore for EmuStore {
     unsafe fn borrow<T: Elem>(ptr: *const c_void, len: usize, field: &str) -> Result<EmuBuf<T>> {
         check_extent::<T>(ptr, len, field)?;
@@ -106,7 +138,11 @@ impl CStore for EmuStore {
 pub unsafe extern "C" fn headwise_gpu_kernels_built(out: *mut i32) -> c_int {
     boundary(|| {
         // SAFETY: the caller's promise on `out`.
-        *unsafe { out_value(out, "out") }? = i32::from(crate::kernels::FATBINS.iter().all(Option::is_some));
+        #[cfg(feature = "cuda")]
+        let built = crate::kernels::FATBINS.iter().all(Option::is_some);
+        #[cfg(not(feature = "cuda"))]
+        let built = false;
+        *unsafe { out_value(out, "out") }? = i32::from(built);
         Ok(())
     })
 }
@@ -116,7 +152,8 @@ pub unsafe extern "C" fn headwise_gpu_kernels_built(out: *mut i32) -> c_int {
 /// owns (NULL is the legacy default stream). Caches over it take device pointers. GPU kernel
 /// modules load once per handle, on first use.
 ///
-/// Errors: `HEADWISE_ERROR_NO_KERNELS` (built without nvcc), `HEADWISE_ERROR_NO_GPU` (no driver,
+/// Errors: `HEADWISE_ERROR_FEATURE_OFF` (built without the `cuda` feature),
+/// `HEADWISE_ERROR_NO_KERNELS` (built without nvcc), `HEADWISE_ERROR_NO_GPU` (no driver,
 /// no such device), `HEADWISE_ERROR_INVALID_ARGUMENT` (negative device, a stream of another
 /// context), `HEADWISE_ERROR_DRIVER`.
 ///
@@ -136,27 +173,45 @@ pub unsafe extern "C" fn headwise_gpu_create(
         let out = unsafe { out_handle(out) }?;
         let ordinal =
             usize::try_from(device).map_err(|_| Error::invalid("device", format!("{device} is negative")))?;
-        // SAFETY: only probes whether the driver library loads.
-        let _keep = unsafe { cudarc::driver::sys::is_culib_present() }.then(KeepCurrentContext::new);
-        // SAFETY: the caller vouches for the stream; its context is checked below before any
-        // kernel is enqueued on it.
-        let store = unsafe { GpuStore::from_engine_stream(ordinal, stream.cast()) }?;
-        // The NULL, legacy (1) and per-thread (2) handles name the current context's default
-        // streams, which from_engine_stream just made the primary context: nothing to check.
-        if stream.addr() > 2 {
-            let mut ctx: CUcontext = null_mut();
-            // SAFETY: a stream handle the caller vouches for; ctx is a valid out-pointer.
-            unsafe { cudarc::driver::sys::cuStreamGetCtx(stream.cast(), &mut ctx) }.result()?;
-            if ctx != store.context().cu_ctx() {
-                return Err(Error::invalid(
-                    "stream",
-                    format!("belongs to another CUDA context than device {ordinal}'s primary context"),
-                ));
-            }
+        #[cfg(feature = "cuda")]
+        {
+            // SAFETY: forwarded.
+            *out = unsafe { gpu_store(ordinal, stream) }?;
+            Ok(())
         }
-        *out = Box::into_raw(Box::new(HeadwiseStore { backend: Backend::Gpu(store) }));
-        Ok(())
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (ordinal, stream, out);
+            Err(Error::FeatureOff { feature: "cuda" })
+        }
     })
+}
+
+/// The body of `headwise_gpu_create` once `out` is checked.
+///
+/// # Safety
+/// As `headwise_gpu_create` for `stream`.
+#[cfg(feature = "cuda")]
+unsafe fn gpu_store(ordinal: usize, stream: *mut c_void) -> Result<*mut HeadwiseStore> {
+    // SAFETY: only probes whether the driver library loads.
+    let _keep = unsafe { cudarc::driver::sys::is_culib_present() }.then(KeepCurrentContext::new);
+    // SAFETY: the caller vouches for the stream; its context is checked below before any
+    // kernel is enqueued on it.
+    let store = unsafe { GpuStore::from_engine_stream(ordinal, stream.cast()) }?;
+    // The NULL, legacy (1) and per-thread (2) handles name the current context's default
+    // streams, which from_engine_stream just made the primary context: nothing to check.
+    if stream.addr() > 2 {
+        let mut ctx: CUcontext = null_mut();
+        // SAFETY: a stream handle the caller vouches for; ctx is a valid out-pointer.
+        unsafe { cudarc::driver::sys::cuStreamGetCtx(stream.cast(), &mut ctx) }.result()?;
+        if ctx != store.context().cu_ctx() {
+            return Err(Error::invalid(
+                "stream",
+                format!("belongs to another CUDA context than device {ordinal}'s primary context"),
+            ));
+        }
+    }
+    Ok(Box::into_raw(Box::new(HeadwiseStore { backend: Backend::Gpu(store) })))
 }
 
 /// A store on the CPU SIMT emulator: caches and rings over it take host memory (16-byte
@@ -164,6 +219,7 @@ pub unsafe extern "C" fn headwise_gpu_create(
 /// CPU, synchronously (a call returns when its kernels have run), with kernel bugs the emulator
 /// detects reported as `HEADWISE_ERROR_EMULATOR`. For machines without a GPU: tests, CI, and
 /// checking an integration before it meets a device. One kernel runs at a time per process.
+/// `HEADWISE_ERROR_FEATURE_OFF` when built without the `emulator` feature.
 ///
 /// # Safety
 /// `out` must be NULL or writable.
@@ -172,8 +228,16 @@ pub unsafe extern "C" fn headwise_emulator_create(out: *mut *mut HeadwiseStore) 
     boundary(|| {
         // SAFETY: the caller's promise on `out`.
         let out = unsafe { out_handle(out) }?;
-        *out = Box::into_raw(Box::new(HeadwiseStore { backend: Backend::Emulator(EmuStore) }));
-        Ok(())
+        #[cfg(feature = "emulator")]
+        {
+            *out = Box::into_raw(Box::new(HeadwiseStore { backend: Backend::Emulator(EmuStore) }));
+            Ok(())
+        }
+        #[cfg(not(feature = "emulator"))]
+        {
+            let _ = out;
+            Err(Error::FeatureOff { feature: "emulator" })
+        }
     })
 }
 
@@ -188,10 +252,12 @@ pub unsafe extern "C" fn headwise_store_synchronize(store: *const HeadwiseStore)
         // SAFETY: the caller's promise on the handle.
         let store = unsafe { handle(store, "store") }?;
         match &store.backend {
+            #[cfg(feature = "cuda")]
             Backend::Gpu(gpu) => {
                 let _keep = KeepCurrentContext::new();
                 gpu.synchronize()
             }
+            #[cfg(feature = "emulator")]
             Backend::Emulator(_) => Ok(()),
         }
     })
@@ -207,7 +273,7 @@ pub unsafe extern "C" fn headwise_store_free(store: *mut HeadwiseStore) -> c_int
     boundary(|| {
         if !store.is_null() {
             // SAFETY: the caller's promise (a live handle).
-            let _keep = matches!(unsafe { &(*store).backend }, Backend::Gpu(_)).then(KeepCurrentContext::new);
+            let _keep = unsafe { &(*store).backend }.is_gpu().then(KeepCurrentContext::new);
             // SAFETY: the caller's promise.
             unsafe { free_handle(store) };
         }
