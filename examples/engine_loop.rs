@@ -4,10 +4,13 @@
 //! -> R-KV eviction when a segment reaches `budget + buffer` -> decode attention.
 //!
 //! The contract with the engine (GPU):
-//! - `GpuStore::from_engine_stream(ordinal, stream)`: headwise launches on the engine's stream in
-//!   the device's primary context, so its work is ordered with the engine's kernels; it never
-//!   synchronizes except where a call returns data to the host (AdaKV budgets, downloads).
-//! - `GpuBuf::borrowed(ptr, len)`: engine memory, never freed by headwise. The engine keeps it
+//! - `GpuStore::from_stream(engine_stream)`: headwise launches on the engine's cudarc stream in
+//!   its context, so its work is ordered with the engine's kernels; it never synchronizes except
+//!   where a call returns data to the host (AdaKV budgets, downloads). (C/C++ engines:
+//!   `from_engine_stream(ordinal, CUstream)`.)
+//! - Per-call buffers the engine holds as cudarc slices (queries, outputs) go in place through
+//!   `store.view(..)`/`view_mut(..)`; the long-lived K/V arena, which the caches keep, through
+//!   `GpuBuf::borrowed(ptr, len)`: engine memory, never freed by headwise. The engine keeps it
 //!   alive and unaliased by other writers while a headwise call that uses it is in flight on the
 //!   stream, and 16-byte aligned (checked).
 //! - The engine owns the row arena of each layer and describes it with a `LayerLayout`; headwise
@@ -154,9 +157,8 @@ fn main() -> headwise::Result<()> {
             // Stand-in for the engine: its own stream and allocations, handed over as raw pointers.
             let ctx = cudarc::driver::CudaContext::new(0)?;
             let engine_stream = ctx.new_stream()?;
-            // SAFETY: engine_stream is a live stream of device 0's primary context (cudarc's
-            // CudaContext::new retains it) and outlives `store`.
-            let store = unsafe { GpuStore::from_engine_stream(0, engine_stream.cu_stream())? };
+            // headwise enqueues on the engine's stream, in its context.
+            let store = GpuStore::from_stream(engine_stream.clone())?;
             let arena = std::cell::RefCell::new(Vec::new());
             let alloc = |n: usize| -> headwise::Result<GpuBuf<bf16>> {
                 let slice = engine_stream.alloc_zeros::<bf16>(n)?;
@@ -165,7 +167,7 @@ fn main() -> headwise::Result<()> {
                     let (ptr, _guard) = slice.device_ptr(&engine_stream);
                     // SAFETY: `slice` is a live allocation of n bf16 on this context; it is kept
                     // in `arena` (the engine's ownership) until after the loop has finished.
-                    unsafe { GpuBuf::borrowed(ptr, n) }
+                    unsafe { GpuBuf::borrowed(ptr as usize as *mut std::ffi::c_void, n) }
                 };
                 arena.borrow_mut().push(slice);
                 Ok(buf)

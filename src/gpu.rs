@@ -15,6 +15,8 @@ use cudarc::driver::{
     PushKernelArg, SyncOnDrop,
 };
 use std::collections::HashMap;
+use std::ffi::c_void;
+use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex};
 
 /// A device buffer of `T`: memory headwise allocated (freed on drop), or memory an engine owns
@@ -41,15 +43,18 @@ impl<T: Elem> GpuBuf<T> {
         GpuBuf { len: slice.len(), mem: Mem::Owned(slice) }
     }
 
-    /// Wraps `len` elements of device memory at `ptr` that an engine owns.
+    /// Wraps `len` elements of device memory at `ptr` that an engine owns: the raw-pointer path
+    /// for engines in C/C++ (a `cudaMalloc`/`cuMemAlloc` address, as the C ABI takes it). A Rust
+    /// engine holding cudarc buffers uses [`GpuStore::view`]/[`GpuStore::view_mut`] instead,
+    /// which need no `unsafe`.
     ///
     /// # Safety
     /// `ptr` must be a device address in the store's context, valid for `len` elements of `T`
     /// for as long as this value (and any cache built on it) is used, and every kernel the
     /// store runs over it must be ordered with the engine's own use of the memory (pass the
     /// engine's stream to [`GpuStore::from_engine_stream`]). headwise never frees it.
-    pub unsafe fn borrowed(ptr: u64, len: usize) -> GpuBuf<T> {
-        GpuBuf { mem: Mem::Borrowed(ptr), len }
+    pub unsafe fn borrowed(ptr: *mut c_void, len: usize) -> GpuBuf<T> {
+        GpuBuf { mem: Mem::Borrowed(ptr.addr() as u64), len }
     }
 
     /// The cudarc allocation, when headwise owns the memory.
@@ -64,6 +69,43 @@ impl<T: Elem> GpuBuf<T> {
 impl<T: Elem> From<CudaSlice<T>> for GpuBuf<T> {
     fn from(slice: CudaSlice<T>) -> Self {
         GpuBuf::owned(slice)
+    }
+}
+
+/// A cudarc buffer (`CudaSlice`, `CudaView`, a candle tensor's storage: anything
+/// [`DevicePtr`]) lent to headwise for the calls made while this lives: it derefs to a
+/// [`GpuBuf`] over the same memory, used in place. Made by [`GpuStore::view`]. cudarc's stream
+/// ordering stays intact: making it orders the store's stream after the buffer's last write,
+/// dropping it records the store's work on the buffer (events), as any cudarc launch does.
+pub struct GpuView<'a, T: Elem> {
+    buf: GpuBuf<T>,
+    _sync: SyncOnDrop<'a>,
+}
+
+impl<T: Elem> Deref for GpuView<'_, T> {
+    type Target = GpuBuf<T>;
+    fn deref(&self) -> &GpuBuf<T> {
+        &self.buf
+    }
+}
+
+/// A cudarc buffer lent to headwise for writing ([`DevicePtrMut`]): as [`GpuView`], also
+/// mutably. Made by [`GpuStore::view_mut`].
+pub struct GpuViewMut<'a, T: Elem> {
+    buf: GpuBuf<T>,
+    _sync: SyncOnDrop<'a>,
+}
+
+impl<T: Elem> Deref for GpuViewMut<'_, T> {
+    type Target = GpuBuf<T>;
+    fn deref(&self) -> &GpuBuf<T> {
+        &self.buf
+    }
+}
+
+impl<T: Elem> DerefMut for GpuViewMut<'_, T> {
+    fn deref_mut(&mut self) -> &mut GpuBuf<T> {
+        &mut self.buf
     }
 }
 
@@ -117,7 +159,28 @@ impl GpuStore {
         GpuStore::with_stream(ctx, stream)
     }
 
-    /// A store that launches on a stream an engine owns, in device `ordinal`'s primary context
+    /// A store that launches on the engine's own cudarc stream, in that stream's context (no
+    /// context or stream is created). Every operation is enqueued on it, in order with the
+    /// engine's work there.
+    ///
+    /// ```no_run
+    /// # fn main() -> headwise::Result<()> {
+    /// let ctx = cudarc::driver::CudaContext::new(0)?;
+    /// let engine_stream = ctx.default_stream();
+    /// let store = headwise::GpuStore::from_stream(engine_stream.clone())?;
+    /// assert!(std::sync::Arc::ptr_eq(store.stream(), &engine_stream));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn from_stream(stream: Arc<CudaStream>) -> Result<GpuStore> {
+        if FATBINS.iter().any(Option::is_none) {
+            return Err(Error::NoKernels);
+        }
+        GpuStore::with_stream(stream.context().clone(), stream)
+    }
+
+    /// A store that launches on a raw stream an engine owns (the C/C++ path; a Rust engine with
+    /// a cudarc stream uses [`GpuStore::from_stream`]), in device `ordinal`'s primary context
     /// (the context the CUDA runtime API uses, so engines built on the runtime share it).
     ///
     /// # Safety
@@ -146,6 +209,59 @@ impl GpuStore {
     /// The context.
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
+    }
+
+    /// Lends a cudarc buffer of this store's context to headwise, in place: `&*view` is the
+    /// `&GpuBuf<T>` any operation takes, over the same memory, for as long as the view lives.
+    /// Errors (naming `field`) when the buffer belongs to another context.
+    ///
+    /// ```no_run
+    /// # fn main() -> headwise::Result<()> {
+    /// use headwise::{AttentionOptions, AttentionWorkspace, GpuStore, LayerCache, LayoutBuilder};
+    /// use half::bf16;
+    /// let store = GpuStore::new(0)?;
+    /// let layout = LayoutBuilder::new(1, 2).headroom(64).full(0, 0, 0).full(0, 1, 0).build()?;
+    /// let mut cache = LayerCache::<_, bf16>::new(&store, layout, 128)?;
+    /// // The engine's own buffers: q for 2 KV heads x group 4, and the output.
+    /// let q = store.stream().alloc_zeros::<bf16>(8 * 128)?;
+    /// let mut out = store.stream().alloc_zeros::<bf16>(8 * 128)?;
+    /// let (qv, mut ov) = (store.view("q", &q)?, store.view_mut("out", &mut out)?);
+    /// cache.attention(&qv, 4, &mut ov, None, &mut AttentionWorkspace::new(), &AttentionOptions::default())?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn view<'a, T: Elem>(&'a self, field: &str, buf: &'a impl DevicePtr<T>) -> Result<GpuView<'a, T>> {
+        self.check_context(field, buf.stream())?;
+        let len = buf.len();
+        let (ptr, sync) = buf.device_ptr(&self.stream);
+        Ok(GpuView { buf: GpuBuf { mem: Mem::Borrowed(ptr), len }, _sync: sync })
+    }
+
+    /// [`GpuStore::view`] for a buffer headwise writes (outputs, a cache's K/V).
+    pub fn view_mut<'a, T: Elem>(
+        &'a self,
+        field: &str,
+        buf: &'a mut impl DevicePtrMut<T>,
+    ) -> Result<GpuViewMut<'a, T>> {
+        self.check_context(field, buf.stream())?;
+        let len = buf.len();
+        let (ptr, sync) = buf.device_ptr_mut(&self.stream);
+        Ok(GpuViewMut { buf: GpuBuf { mem: Mem::Borrowed(ptr), len }, _sync: sync })
+    }
+
+    fn check_context(&self, field: &str, stream: &CudaStream) -> Result<()> {
+        if stream.context().cu_ctx() == self.ctx.cu_ctx() {
+            Ok(())
+        } else {
+            Err(Error::invalid(
+                field,
+                format!(
+                    "a buffer of device {}'s context, the store is on device {}",
+                    stream.context().ordinal(),
+                    self.ctx.ordinal()
+                ),
+            ))
+        }
     }
 
     /// Waits for everything queued on the store's stream.

@@ -23,7 +23,7 @@ impl CStoreUnderTest for GpuStore {
     }
     unsafe fn view<T: Elem>(ptr: *mut c_void, len: usize) -> GpuBuf<T> {
         // SAFETY: forwarded.
-        unsafe { GpuBuf::borrowed(ptr as u64, len) }
+        unsafe { GpuBuf::borrowed(ptr, len) }
     }
 }
 

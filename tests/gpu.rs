@@ -92,6 +92,50 @@ mod on_gpu {
     }
 
     #[test]
+    fn cudarc_buffers_and_stream_in_place() {
+        // The engine's stream and cudarc buffers: views of whole slices and of sub-slices
+        // (CudaView) give the same results as headwise-owned uploads, on the engine's stream.
+        let owned = store();
+        let store = headwise::GpuStore::from_stream(owned.stream().clone()).unwrap();
+        assert!(std::sync::Arc::ptr_eq(store.stream(), owned.stream()));
+        let layout = headwise::LayoutBuilder::new(2, 4)
+            .headroom(16)
+            .full(0, 0, 3)
+            .streaming(1, 2, 2, 4)
+            .build()
+            .unwrap();
+        let (g, d) = (4usize, 128usize);
+        let heads = layout.segments().len() * g;
+        let q_host: Vec<bf16> =
+            (0..heads * d).map(|i| bf16::from_f32(((i * 37 % 101) as f32 - 50.0) / 50.0)).collect();
+        let kv_host: Vec<bf16> =
+            (0..8 * d).map(|i| bf16::from_f32(((i * 13 % 97) as f32 - 48.0) / 48.0)).collect();
+        let run =
+            |q: &headwise::GpuBuf<bf16>, k: &headwise::GpuBuf<bf16>, out: &mut headwise::GpuBuf<bf16>| {
+                let mut cache = headwise::LayerCache::<_, bf16>::new(&store, layout.clone(), d).unwrap();
+                cache.append(k, k).unwrap();
+                let mut ws = headwise::AttentionWorkspace::new();
+                cache.attention(q, g, out, None, &mut ws, &headwise::AttentionOptions::default()).unwrap();
+            };
+        let mut want = store.zeros::<bf16>(heads * d).unwrap();
+        run(&store.upload(&q_host).unwrap(), &store.upload(&kv_host).unwrap(), &mut want);
+        // The engine's buffers: q inside a larger allocation (a CudaView), k and out whole.
+        let mut padded = vec![bf16::ZERO; d];
+        padded.extend_from_slice(&q_host);
+        let q_big = store.stream().clone_htod(&padded).unwrap();
+        let k_slice = store.stream().clone_htod(&kv_host).unwrap();
+        let mut out_slice = store.stream().alloc_zeros::<bf16>(heads * d).unwrap();
+        {
+            let q_view = q_big.slice(d..);
+            let (q, k) = (store.view("q", &q_view).unwrap(), store.view("k", &k_slice).unwrap());
+            let mut out = store.view_mut("out", &mut out_slice).unwrap();
+            run(&q, &k, &mut out);
+        }
+        let got = store.stream().clone_dtoh(&out_slice).unwrap();
+        assert_eq!(got, store.download(&want).unwrap());
+    }
+
+    #[test]
     fn engine_memory_entry_point() {
         // Memory the "engine" owns, wrapped without transferring ownership.
         let store = store();
@@ -101,8 +145,12 @@ mod on_gpu {
         let v = store.stream().alloc_zeros::<bf16>(elems).unwrap();
         let (kp, vp) = (k.leak(), v.leak());
         // SAFETY: kp/vp are live allocations of `elems` bf16 on this store's context and stream.
-        let (kb, vb) =
-            unsafe { (headwise::GpuBuf::borrowed(kp, elems), headwise::GpuBuf::borrowed(vp, elems)) };
+        let (kb, vb) = unsafe {
+            (
+                headwise::GpuBuf::borrowed(kp as usize as _, elems),
+                headwise::GpuBuf::borrowed(vp as usize as _, elems),
+            )
+        };
         let mut cache = headwise::LayerCache::<_, bf16>::from_parts(&store, layout, 128, kb, vb).unwrap();
         let new: Vec<bf16> = (0..8 * 128).map(|i| bf16::from_f32(i as f32)).collect();
         let dn = store.upload(&new).unwrap();
@@ -113,8 +161,8 @@ mod on_gpu {
             assert_eq!(&got[row * 128..(row + 1) * 128], &new[s * 128..(s + 1) * 128]);
         }
         // Misaligned engine pointers are refused before any launch.
-        let bad = unsafe { headwise::GpuBuf::<bf16>::borrowed(kp + 2, elems) };
-        let again = unsafe { headwise::GpuBuf::<bf16>::borrowed(vp, elems) };
+        let bad = unsafe { headwise::GpuBuf::<bf16>::borrowed((kp + 2) as usize as _, elems) };
+        let again = unsafe { headwise::GpuBuf::<bf16>::borrowed(vp as usize as _, elems) };
         let layout = headwise::LayoutBuilder::new(2, 4).headroom(8).build().unwrap();
         assert!(headwise::LayerCache::<_, bf16>::from_parts(&store, layout, 128, bad, again).is_err());
         // SAFETY: give the leaked allocations back to cudarc so they are freed.

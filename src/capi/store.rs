@@ -113,7 +113,7 @@ impl CStore for GpuStore {
     unsafe fn borrow<T: Elem>(ptr: *const c_void, len: usize, field: &str) -> Result<GpuBuf<T>> {
         check_extent::<T>(ptr, len, field)?;
         // SAFETY: forwarded from the caller.
-        Ok(unsafe { GpuBuf::borrowed(ptr.addr() as u64, len) })
+        Ok(unsafe { GpuBuf::borrowed(ptr.cast_mut(), len) })
     }
 }
 
