@@ -12,7 +12,10 @@
 //                second time), turns them into probabilities with the merged states, means over
 //                the window and reduces over the group (or keeps each query head), and writes
 //                one f32 per token. No W x q probability matrix ever reaches global memory.
+//   knorm        (Score::KeyNorm, instead of stats/score) one warp per (row, prefix token):
+//                -||k|| in f32 (kvpress's KNorm), K read once, no queries.
 //   pool         one thread per (row, token): max/avg pooling, then an order-preserving u32 key.
+//                With given scores (select::compress_into_scored) the first kernel to run.
 //   adakv        (AdaKV only) one block per sequence: the global top (rows * Bp) keys over the
 //                sequence's rows, counts per row, floored and rounded to per-row budgets.
 //   topk         one block per row: radix select (8-bit digits, four histogram passes over the
@@ -280,6 +283,32 @@ __device__ void select_adakv_body(const HwSelectParams& p) {
     }
 }
 
+// KNorm (kvpress's KnormPress): a prefix token's score is -||k||, the f32 norm of its key row
+// in the score row's source segment (s, or s / G for per-query-head rows); no queries are read.
+// One warp per token, lanes over 16-byte vectors, so a warp reads its row coalesced.
+template <typename T, int D>
+__device__ void select_knorm_body(const HwSelectParams& p) {
+    constexpr int VPR = D / kElemsPerVec;
+    const int32_t n = p.q_len - p.window;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int64_t idx = int64_t(blockIdx.x) * kSelWarps + warp;
+    // A whole warp leaves together, so the shuffles below see all 32 lanes.
+    if (idx >= score_rows(p) * n) return;
+    const int64_t row = idx / n;
+    const int32_t t = int32_t(idx % n);
+    const int64_t src = p.per_query_head ? row / p.group_size : row;
+    const uint4* k = row_vec(p.k, src * p.q_len + t, D);
+    float acc = 0.0f;
+    for (int i = lane; i < VPR; i += 32) {
+        float x[8];
+        unpack8<T>(ld_global(k + i), x);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc = fmaf(x[j], x[j], acc);
+    }
+    for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    if (lane == 0) st_global(&p.scores[idx], -sqrtf(acc));
+}
+
 // Copies kept rows: destination segment s takes prompt rows from source segment s (or s / G
 // for per-query-head rows). One warp per row, 16-byte vectors.
 template <int D>
@@ -319,7 +348,13 @@ __device__ void select_gather_body(const HwSelectParams& p) {
     X(hw_select_score_f16_d256, score, __half, 256)          \
     X(hw_select_score_bf16_d64, score, __nv_bfloat16, 64)    \
     X(hw_select_score_bf16_d128, score, __nv_bfloat16, 128)  \
-    X(hw_select_score_bf16_d256, score, __nv_bfloat16, 256)
+    X(hw_select_score_bf16_d256, score, __nv_bfloat16, 256)  \
+    X(hw_select_knorm_f16_d64, knorm, __half, 64)            \
+    X(hw_select_knorm_f16_d128, knorm, __half, 128)          \
+    X(hw_select_knorm_f16_d256, knorm, __half, 256)          \
+    X(hw_select_knorm_bf16_d64, knorm, __nv_bfloat16, 64)    \
+    X(hw_select_knorm_bf16_d128, knorm, __nv_bfloat16, 128)  \
+    X(hw_select_knorm_bf16_d256, knorm, __nv_bfloat16, 256)
 
 // Both dtypes are 16-bit and gather only moves rows: one instantiation per head_dim.
 #define HW_SELECT_GATHER_KERNELS(X)    \

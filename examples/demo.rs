@@ -4,7 +4,7 @@
 //! bytes kept, the attention-output error against the full cache over the decode steps, the
 //! needle tokens retained, the one-time compression time and the time per decode step.
 //!
-//! Methods: SnapKV (uniform budget), PyramidKV (per-layer budgets), HeadKV-R2 (per-head budgets
+//! Methods: SnapKV (uniform budget), KNorm (query-agnostic -||k|| scores, uniform budget), PyramidKV (per-layer budgets), HeadKV-R2 (per-head budgets
 //! from the authors' Llama-3-8B score file when ../shared/data is present, else synthetic
 //! scores), AdaKV (budgets allocated on the device), R-KV (eviction during the decode, from the
 //! full prompt), and RLKV mixed heads (Full + 16 sink/64 recent Streaming heads from RLKV's
@@ -22,7 +22,7 @@ use headwise::policy::budget::{self, HeadKvOptions};
 use headwise::policy::head_scores::HeadScores;
 use headwise::policy::heads::{FullHeads, HeadGates, StreamingSize};
 use headwise::redundancy::{QueryRing, RkvOptions, RkvTrigger, RkvWorkspace, evict};
-use headwise::select::{Budgets, Prompt, SelectOptions, SelectWorkspace, compress};
+use headwise::select::{Budgets, Prompt, Score, SelectOptions, SelectWorkspace, compress};
 use headwise::{
     AttentionOptions, AttentionWorkspace, EmuStore, GpuStore, KvElem, LayerCache, LayerLayout, Segment,
     SegmentMode, Store,
@@ -218,6 +218,8 @@ enum Prefill {
     Pyramid,
     HeadKv,
     AdaKv,
+    /// kvpress's KNorm: -||k|| scores (no queries), uniform budget, no pooling.
+    KNorm,
 }
 
 /// A method's layer cache at the start of decoding. R-KV also carries its query ring, its
@@ -255,7 +257,7 @@ fn compress_layer<S: Store>(
         head_dim: HEAD_DIM,
     };
     let per_row: Vec<u32> = match method {
-        Prefill::Snap => vec![budget::uniform(size.budget, WINDOW as u32)?; n],
+        Prefill::Snap | Prefill::KNorm => vec![budget::uniform(size.budget, WINDOW as u32)?; n],
         Prefill::Pyramid => {
             let layers = budget::pyramid(size.budget, WINDOW as u32, MODEL_LAYERS, size.prompt as u32, 20)?;
             vec![layers[layer]; n]
@@ -267,7 +269,10 @@ fn compress_layer<S: Store>(
         Prefill::AdaKv => Budgets::AdaKv { base: size.budget, floor_alpha: 0.2 },
         _ => Budgets::PerRow(&per_row),
     };
-    let opts = SelectOptions { window: WINDOW, headroom: size.steps as u32, ..SelectOptions::default() };
+    let mut opts = SelectOptions { window: WINDOW, headroom: size.steps as u32, ..SelectOptions::default() };
+    if let Prefill::KNorm = method {
+        (opts.score, opts.pool_kernel) = (Score::KeyNorm, 1);
+    }
     let mut ws = SelectWorkspace::new();
     let cache = compress(store, &prompt, budgets, &opts, &mut ws)?;
     let kept = ws.kept(store)?;
@@ -309,12 +314,19 @@ fn run<S: Store>(
     )?;
     let rkv_opts = RkvOptions::new(size.budget as usize);
     let n = size.batch * KV_HEADS;
-    let labels: Vec<String> =
-        ["full cache", "SnapKV", "PyramidKV", "HeadKV-R2", "AdaKV", "R-KV (evicts while decoding)"]
-            .iter()
-            .map(|s| s.to_string())
-            .chain(SPARSITIES.iter().map(|s| format!("RLKV mix, sparsity {s} (16+64)")))
-            .collect();
+    let labels: Vec<String> = [
+        "full cache",
+        "SnapKV",
+        "PyramidKV",
+        "HeadKV-R2",
+        "AdaKV",
+        "KNorm (-|k|, uniform)",
+        "R-KV (evicts while decoding)",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain(SPARSITIES.iter().map(|s| format!("RLKV mix, sparsity {s} (16+64)")))
+    .collect();
     let mut rows: Vec<Row> = labels
         .into_iter()
         .map(|label| Row { label, bytes: 0, err: 0.0, needles: (0, 0), prefill_ms: None, ms: 0.0 })
@@ -335,8 +347,9 @@ fn run<S: Store>(
         };
         let (full, retained) = build_layer(store, &size, &all, layer, &data.tokens)?;
         add(&mut rows[0], full, retained, None, None);
-        for (i, m) in
-            [Prefill::Snap, Prefill::Pyramid, Prefill::HeadKv, Prefill::AdaKv].into_iter().enumerate()
+        for (i, m) in [Prefill::Snap, Prefill::Pyramid, Prefill::HeadKv, Prefill::AdaKv, Prefill::KNorm]
+            .into_iter()
+            .enumerate()
         {
             sync(store);
             let t = Instant::now();
@@ -358,10 +371,10 @@ fn run<S: Store>(
             ring.push(&store.upload(&q)?)?;
         }
         let positions = vec![(0..size.prompt).collect::<Vec<usize>>(); n];
-        add(&mut rows[5], cache, 0, None, Some((ring, RkvWorkspace::new(), positions)));
+        add(&mut rows[6], cache, 0, None, Some((ring, RkvWorkspace::new(), positions)));
         for (i, &sp) in SPARSITIES.iter().enumerate() {
             let (cache, retained) = build_layer(store, &size, &gates.select_full(sp)?, layer, &data.tokens)?;
-            add(&mut rows[6 + i], cache, retained, None, None);
+            add(&mut rows[7 + i], cache, retained, None, None);
         }
         eprint!(" decode");
 
@@ -418,8 +431,8 @@ fn run<S: Store>(
             err_n += n * GROUP;
             eprint!(".");
         }
-        if let Some((_, _, positions)) = &methods[5].rkv {
-            rows[5].needles.0 += positions
+        if let Some((_, _, positions)) = &methods[6].rkv {
+            rows[6].needles.0 += positions
                 .iter()
                 .zip(&data.tokens)
                 .map(|(p, t)| t.needles.iter().filter(|x| p.contains(x)).count())

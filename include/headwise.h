@@ -175,6 +175,16 @@
 #define HEADWISE_GRANULARITY_QUERY_HEAD 1
 
 /**
+ * Prefix scores: SnapKV's window attention (the default).
+ */
+#define HEADWISE_SCORE_SNAPKV 0
+
+/**
+ * Prefix scores: KNorm, `-||k||` per token (query-agnostic: the prompt's `queries` may be NULL).
+ */
+#define HEADWISE_SCORE_KNORM 1
+
+/**
  * One layer's ragged K/V cache in the caller's memory (device memory on a GPU store, host
  * memory on the emulator): the caller's K and V buffers, the host layout, headwise's copy of
  * the segment table in the store, and the scratch memory the operations reuse. Create with
@@ -282,6 +292,11 @@ typedef struct HeadwiseSelectOptions {
      * Tokens per block of the scoring passes; 0 lets headwise choose (a performance knob).
      */
     uint32_t chunk_tokens;
+    /**
+     * `HEADWISE_SCORE_SNAPKV` (default) or `HEADWISE_SCORE_KNORM`; not used by
+     * `headwise_cache_compress_into_scored`, whose scores are given.
+     */
+    int score;
 } HeadwiseSelectOptions;
 
 /**
@@ -894,6 +909,26 @@ int headwise_cache_compress_into_adakv(struct HeadwiseCache *cache,
                                        const struct HeadwiseSelectOptions *opts,
                                        uint32_t base,
                                        float floor_alpha);
+
+/**
+ * As `headwise_cache_compress_into` with the prefix scores given instead of computed: the
+ * primitive any score plugs into (a press of the engine's own, KeyDiff, TOVA, a learned one).
+ * `scores[num_scores]` is `[rows][q_len - window]` f32 in the store's memory (device memory on
+ * a GPU), one per prefix token of each score row, higher keeps; pooled as `opts` says
+ * (`pool_kernel` 1 for none), NaN below every number, ties to the lower position; the window
+ * is always kept. `opts->score` is not used and the prompt's `queries` may be NULL.
+ *
+ * # Safety
+ * As `headwise_cache_compress_into`; `scores` NULL or `num_scores` floats of store memory,
+ * written before this call in the stream's order.
+ */
+int headwise_cache_compress_into_scored(struct HeadwiseCache *cache,
+                                        const struct HeadwisePrompt *prompt,
+                                        const struct HeadwiseSelectOptions *opts,
+                                        const float *scores,
+                                        size_t num_scores,
+                                        const uint32_t *budgets,
+                                        size_t num_budgets);
 
 /**
  * Whether this library carries GPU kernels (built with nvcc): writes 1 or 0 to `*out`. Without

@@ -92,6 +92,18 @@ pub enum Granularity {
     QueryHead,
 }
 
+/// How prefix tokens are scored before pooling and the per-row top-k.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Score {
+    /// SnapKV: attention of the last `window` queries (the default; PyramidKV, HeadKV and AdaKV
+    /// budgets all score this way).
+    #[default]
+    SnapKv,
+    /// KNorm (kvpress's `KnormPress`): `-||k||` per token, query-agnostic (`Prompt::queries` may
+    /// be empty); kvpress pools nothing, so pair it with `pool_kernel: 1` for its definition.
+    KeyNorm,
+}
+
 /// Options of [`compress`] (defaults: SnapKV's `window = 32`, max-pool `kernel = 7`, mean over
 /// the group, per KV head, no headroom).
 #[derive(Clone, Copy, Debug)]
@@ -109,6 +121,8 @@ pub struct SelectOptions {
     pub granularity: Granularity,
     /// Softmax scale; `None` is `1 / sqrt(head_dim)`.
     pub scale: Option<f32>,
+    /// How the prefix is scored ([`compress_into_scored`] takes the scores instead).
+    pub score: Score,
     /// Extra rows reserved per segment of the compressed cache for decoding ([`compress`] only).
     pub headroom: u32,
     /// Forces the prompt chunk (tokens per block) of the scoring passes instead of the planner's
@@ -125,6 +139,7 @@ impl Default for SelectOptions {
             gqa: GqaReduce::Mean,
             granularity: Granularity::KvHead,
             scale: None,
+            score: Score::SnapKv,
             headroom: 0,
             chunk_tokens: None,
         }
@@ -253,7 +268,13 @@ struct Shape {
     head_dim: usize,
 }
 
-fn check_prompt<S: Store, T: KvElem>(p: &Prompt<'_, S, T>, opts: &SelectOptions) -> Result<Shape> {
+/// `needs_queries`: whether the scores come from the window queries (SnapKV), else
+/// `p.queries` is not read and may be empty.
+fn check_prompt<S: Store, T: KvElem>(
+    p: &Prompt<'_, S, T>,
+    opts: &SelectOptions,
+    needs_queries: bool,
+) -> Result<Shape> {
     check_head_dim(p.head_dim)?;
     if p.batch == 0 {
         return Err(Error::invalid("batch", "must be at least 1"));
@@ -308,7 +329,7 @@ fn check_prompt<S: Store, T: KvElem>(p: &Prompt<'_, S, T>, opts: &SelectOptions)
         }
     }
     let qn = segments * p.group_size * opts.window * d;
-    if S::len(p.queries) != qn {
+    if needs_queries && S::len(p.queries) != qn {
         return Err(Error::invalid(
             "queries",
             format!(
@@ -404,7 +425,7 @@ pub fn compress<S: Store, T: KvElem>(
     opts: &SelectOptions,
     ws: &mut SelectWorkspace<S>,
 ) -> Result<LayerCache<S, T>> {
-    let shape = check_prompt(prompt, opts)?;
+    let shape = check_prompt(prompt, opts, opts.score == Score::SnapKv)?;
     let known = check_budgets(&shape, &budgets)?;
     // The compressed layer must fit int32 rows. Checked before any launch with the counts
     // per-row budgets give, and with AdaKV against the least it keeps (the window per row);
@@ -413,7 +434,7 @@ pub fn compress<S: Store, T: KvElem>(
         Some(b) => check_packed(b.iter().map(|&x| (x as usize).min(shape.q) as u64), opts.headroom)?,
         None => check_packed(std::iter::repeat_n(shape.window as u64, shape.rows), opts.headroom)?,
     }
-    let kept = score_and_select(store, prompt, &shape, &budgets, known.as_deref(), opts, ws)?;
+    let kept = score_and_select(store, prompt, None, &shape, &budgets, known.as_deref(), opts, ws)?;
     let mut segments = Vec::with_capacity(shape.rows);
     let mut offset: u64 = 0;
     for &count in &kept {
@@ -455,7 +476,60 @@ pub fn compress_into<S: Store, T: KvElem>(
     opts: &SelectOptions,
     ws: &mut SelectWorkspace<S>,
 ) -> Result<()> {
-    let shape = check_prompt(prompt, opts)?;
+    compress_into_from(dest, prompt, None, budgets, opts, ws)
+}
+
+/// The compression primitive every score plugs into: per-row scores in, per-row top-k (or
+/// AdaKV's allocation) with the window always kept, gather into `dest`, as [`compress_into`]
+/// but with the scores given instead of computed (`opts.score` is not used; `prompt.queries`
+/// is not read and may be empty). `scores` is `[rows][q_len - window]` f32 on the store, one
+/// per prefix token of each score row (`batch * kv_heads` rows, `* group_size` with
+/// [`Granularity::QueryHead`]), higher keeps; they are pooled as `opts` says (`pool_kernel: 1`
+/// for none), NaN ranks below every number and ties go to the lower position, as for the
+/// computed scores. Any query-agnostic press (KeyDiff, TOVA, a learned score) is a kernel that
+/// writes this buffer.
+///
+/// ```
+/// # fn main() -> headwise::Result<()> {
+/// use headwise::select::{self, Budgets, Prompt, SelectOptions, SelectWorkspace};
+/// use headwise::{EmuStore, LayerCache, LayoutBuilder, Store};
+/// use half::bf16;
+/// let store = EmuStore;
+/// let (q_len, d, window) = (6, 64, 2);
+/// let k = store.upload(&vec![bf16::ONE; q_len * d])?;
+/// let none = store.zeros::<bf16>(0)?;
+/// let prompt = Prompt { k: &k, v: &k, queries: &none, batch: 1, kv_heads: 1, group_size: 1, q_len, head_dim: d };
+/// // Four prefix tokens; keep the best two of them plus the window.
+/// let scores = store.upload(&[0.1f32, 0.9, 0.3, 0.8])?;
+/// let opts = SelectOptions { window, pool_kernel: 1, ..SelectOptions::default() };
+/// let layout = LayoutBuilder::new(1, 1).headroom(4).full(0, 0, 0).build()?;
+/// let mut cache = LayerCache::new(&store, layout, d)?;
+/// let mut ws = SelectWorkspace::new();
+/// select::compress_into_scored(&mut cache, &prompt, &scores, Budgets::PerRow(&[4]), &opts, &mut ws)?;
+/// assert_eq!(ws.kept(&store)?, vec![vec![1, 3, 4, 5]]);
+/// # Ok(())
+/// # }
+/// ```
+pub fn compress_into_scored<S: Store, T: KvElem>(
+    dest: &mut LayerCache<S, T>,
+    prompt: &Prompt<'_, S, T>,
+    scores: &S::Buf<f32>,
+    budgets: Budgets<'_>,
+    opts: &SelectOptions,
+    ws: &mut SelectWorkspace<S>,
+) -> Result<()> {
+    compress_into_from(dest, prompt, Some(scores), budgets, opts, ws)
+}
+
+fn compress_into_from<S: Store, T: KvElem>(
+    dest: &mut LayerCache<S, T>,
+    prompt: &Prompt<'_, S, T>,
+    given: Option<&S::Buf<f32>>,
+    budgets: Budgets<'_>,
+    opts: &SelectOptions,
+    ws: &mut SelectWorkspace<S>,
+) -> Result<()> {
+    let shape = check_prompt(prompt, opts, given.is_none() && opts.score == Score::SnapKv)?;
     if dest.head_dim() != shape.head_dim {
         return Err(Error::invalid(
             "dest.head_dim",
@@ -484,7 +558,7 @@ pub fn compress_into<S: Store, T: KvElem>(
         check_capacity(l, b.iter().map(|&x| (x as usize).min(shape.q) as u32))?;
     }
     let store = dest.store().clone();
-    let kept = score_and_select(&store, prompt, &shape, &budgets, known.as_deref(), opts, ws)?;
+    let kept = score_and_select(&store, prompt, given, &shape, &budgets, known.as_deref(), opts, ws)?;
     check_capacity(dest.layout(), kept.iter().copied())?;
     let segments =
         dest.layout().segments().iter().zip(&kept).map(|(s, &len)| Segment { len, ..*s }).collect();
@@ -610,9 +684,11 @@ fn base_params(shape: &Shape, opts: &SelectOptions, chunk: usize) -> Result<HwSe
 }
 
 /// Runs every pass up to the selection; returns the kept count per row.
+#[allow(clippy::too_many_arguments)]
 fn score_and_select<S: Store, T: KvElem>(
     store: &S,
     prompt: &Prompt<'_, S, T>,
+    given: Option<&S::Buf<f32>>,
     shape: &Shape,
     budgets: &Budgets<'_>,
     known: Option<&[u32]>,
@@ -654,22 +730,37 @@ fn score_and_select<S: Store, T: KvElem>(
     let pool_k = lookup("hw_select_pool", "kernel")?;
     let adakv_k = lookup("hw_select_adakv", "kernel")?;
     let topk_k = lookup("hw_select_topk", "kernel")?;
+    let knorm_k = lookup(&format!("hw_select_knorm_{dt}_d{d}"), "head_dim")?;
+    if let Some(g) = given
+        && S::len(g) != rows * n
+    {
+        return Err(Error::invalid(
+            "scores",
+            format!("{} elements, expected rows {rows} * (q_len - window) {n}", S::len(g)),
+        ));
+    }
+    let snapkv = given.is_none() && opts.score == Score::SnapKv;
     {
         let mut pins = S::Pins::default();
         params.k = store.addr("k", prompt.k, &mut pins)? as *const _;
         params.v = store.addr("v", prompt.v, &mut pins)? as *const _;
-        params.queries = store.addr("queries", prompt.queries, &mut pins)? as *const _;
+        if snapkv {
+            params.queries = store.addr("queries", prompt.queries, &mut pins)? as *const _;
+            check_aligned("queries", params.queries as u64)?;
+        }
         params.stats = store.addr_mut("stats", ws.stats.as_mut().expect("ensured"), &mut pins)? as *mut f32;
         params.final_stats =
             store.addr_mut("final_stats", ws.final_stats.as_mut().expect("ensured"), &mut pins)? as *mut f32;
-        params.scores =
-            store.addr_mut("scores", ws.scores.as_mut().expect("ensured"), &mut pins)? as *mut f32;
+        params.scores = match given {
+            // Read only: pool is the first kernel to touch them.
+            Some(g) => store.addr("scores", g, &mut pins)? as *mut f32,
+            None => store.addr_mut("scores", ws.scores.as_mut().expect("ensured"), &mut pins)? as *mut f32,
+        };
         params.keys = store.addr_mut("keys", ws.keys.as_mut().expect("ensured"), &mut pins)? as *mut u32;
         params.budgets = store.addr_mut("budgets", ws.budgets.as_mut().expect("set"), &mut pins)? as *mut i32;
         params.kept = store.addr_mut("kept", ws.kept.as_mut().expect("ensured"), &mut pins)? as *mut i32;
         check_aligned("k", params.k as u64)?;
         check_aligned("v", params.v as u64)?;
-        check_aligned("queries", params.queries as u64)?;
 
         let tiles = HwLaunch { grid_y: params.splits as u32, ..launch_1d(shape.segments, TILE_THREADS, 0) };
         // SAFETY (all launches below): every address comes from this store, pinned until the
@@ -679,11 +770,22 @@ fn score_and_select<S: Store, T: KvElem>(
         // keys: rows * n, kept: rows * q, budgets: rows). Budgets are >= window (checked on the
         // host, or written by the adakv kernel as count + window), so the selection writes
         // min(budget, q) <= q positions per row.
-        unsafe { store.launch(stats_k, &tiles, &params)? };
-        let merge = launch_1d(qrows.div_ceil(ELEMENTWISE_THREADS as usize), ELEMENTWISE_THREADS, 0);
-        unsafe { store.launch(merge_k, &merge, &params)? };
+        if snapkv {
+            unsafe { store.launch(stats_k, &tiles, &params)? };
+            let merge = launch_1d(qrows.div_ceil(ELEMENTWISE_THREADS as usize), ELEMENTWISE_THREADS, 0);
+            unsafe { store.launch(merge_k, &merge, &params)? };
+        }
         if n > 0 {
-            unsafe { store.launch(score_k, &tiles, &params)? };
+            if snapkv {
+                unsafe { store.launch(score_k, &tiles, &params)? };
+            } else if given.is_none() {
+                // One warp per (row, prefix token); the given scores (len rows * n, checked)
+                // need no scoring kernel.
+                let warps = (TILE_THREADS / 32) as usize;
+                unsafe {
+                    store.launch(knorm_k, &launch_1d((rows * n).div_ceil(warps), TILE_THREADS, 0), &params)?
+                };
+            }
             let pool = launch_1d((rows * n).div_ceil(ELEMENTWISE_THREADS as usize), ELEMENTWISE_THREADS, 0);
             unsafe { store.launch(pool_k, &pool, &params)? };
         }

@@ -52,8 +52,8 @@ use headwise::redundancy::{
     MAX_ALPHA, MAX_GROUP as MAX_RKV_GROUP, QueryRing, RkvOptions, RkvTrigger, RkvWorkspace, evict,
 };
 use headwise::select::{
-    Budgets, GqaReduce, Granularity, MAX_GROUP as MAX_SELECT_GROUP, Pool, Prompt, SelectOptions,
-    SelectWorkspace, compress, compress_into,
+    Budgets, GqaReduce, Granularity, MAX_GROUP as MAX_SELECT_GROUP, Pool, Prompt, Score, SelectOptions,
+    SelectWorkspace, compress, compress_into, compress_into_scored,
 };
 use headwise::store::{Elem, KernelParams};
 use headwise::{EmuBuf, EmuStore, Error, LayerCache, Store};
@@ -90,6 +90,7 @@ const ENTRY_POINTS: &[fn(&mut Battery)] = &[
     gpu_store_new,
     select_compress,
     select_compress_into,
+    select_compress_into_scored,
     rkv_evict,
     query_ring_new,
     query_ring_push,
@@ -2027,6 +2028,8 @@ fn sel_case() -> impl Strategy<Value = SelCase> {
             gqa: if gmax { GqaReduce::Max } else { GqaReduce::Mean },
             granularity: if per_qh { Granularity::QueryHead } else { Granularity::KvHead },
             scale,
+            // The queries' faults below are faults of SnapKV scoring.
+            score: Score::SnapKv,
             headroom,
             chunk_tokens,
         };
@@ -2428,6 +2431,55 @@ fn sel_dest(c: &mut SelCase, fault: Option<&DestFault>, x: u32) -> (LayerLayout,
     }
     let layout = LayerLayout::new(batch, rps, u64::from(off) + u64::from(x % 5), segs).unwrap();
     (layout, d, expect)
+}
+
+/// The scores primitive: a valid prompt and destination, given scores of the right length or
+/// not, with either computed score in the options (ignored): the Rust outcome of the same call
+/// with SnapKV scoring is the expectation, except that the scores' length is checked too.
+fn select_compress_into_scored(b: &mut Battery) {
+    b.run(
+        "select::compress_into_scored",
+        300,
+        (sel_case(), any::<u32>(), prop_oneof![3 => Just(0i64), 1 => -3i64..4]),
+        |p, (mut c, x, delta)| {
+            let s = store(p);
+            let (layout, d, _) = sel_dest(&mut c, None, x);
+            let mut dest = LayerCache::<_, bf16>::new(&s, layout.clone(), d).unwrap();
+            let bufs = c.bufs(&s);
+            let rows =
+                c.batch * c.kv_heads * if c.opts.granularity == Granularity::QueryHead { c.group } else { 1 };
+            let n = c.q_len.saturating_sub(c.opts.window);
+            let len = ((rows * n) as i64 + delta).max(0) as usize;
+            let scores = s.upload(&vec![0.25f32; len]).unwrap();
+            // The same call with SnapKV's own scores, on a copy of the destination, names the
+            // shape faults; the queries are not read here, so their faults do not count.
+            let queries_ok = SelCase {
+                queries_len: c.batch * c.kv_heads * c.group * c.opts.window * c.head_dim,
+                ..c.clone()
+            };
+            let plain = Counting(Rc::new(Cell::new(0)));
+            let mut probe_dest = LayerCache::<_, bf16>::new(&plain, layout.clone(), d).unwrap();
+            let pb = queries_ok.bufs(&plain);
+            let rust = compress_into(
+                &mut probe_dest,
+                &queries_ok.prompt(&pb),
+                c.budgets(),
+                &c.opts,
+                &mut SelectWorkspace::new(),
+            );
+            let expect = match rust {
+                Ok(()) if len == rows * n => Expect::Ok,
+                Ok(()) => invalid("scores"),
+                Err(Error::Invalid { field, .. }) => Expect::Invalid(field),
+                Err(e) => return Err(TestCaseError::fail(format!("the SnapKV probe failed otherwise: {e}"))),
+            };
+            let mut ws = SelectWorkspace::new();
+            p.call(expect, || {
+                compress_into_scored(&mut dest, &c.prompt(&bufs), &scores, c.budgets(), &c.opts, &mut ws)
+            })?;
+            Ok(())
+        },
+    );
 }
 
 fn select_compress_into(b: &mut Battery) {
@@ -3590,6 +3642,21 @@ mod c {
                 let budgets = [7u32; 4];
                 let code = unsafe {
                     headwise_cache_compress_into(null_mut(), null(), null(), budgets.as_ptr(), x % 5)
+                };
+                (invalid("cache"), code)
+            }),
+            ("cache_compress_into_scored", |x, y, _, _, _| {
+                let (budgets, scores) = ([7u32; 4], [0.5f32; 8]);
+                let code = unsafe {
+                    headwise_cache_compress_into_scored(
+                        null_mut(),
+                        null(),
+                        null(),
+                        scores.as_ptr(),
+                        y % 9,
+                        budgets.as_ptr(),
+                        x % 5,
+                    )
                 };
                 (invalid("cache"), code)
             }),

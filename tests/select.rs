@@ -386,3 +386,11 @@ fn compress_into_refuses_a_mismatched_destination() {
     compress_into(&mut dest, &p, Budgets::PerRow(&budgets), &per_qh, &mut ws).unwrap();
     assert!(dest.layout().segments().iter().all(|s| s.len == 10));
 }
+
+#[test]
+fn key_norm_and_given_scores_every_dtype_and_head_dim() {
+    for d in headwise::dtype::SUPPORTED_HEAD_DIMS {
+        common::select::key_norm_and_given_scores::<_, f16>(&EmuStore, d, 11 + d as u64);
+        common::select::key_norm_and_given_scores::<_, bf16>(&EmuStore, d, 17 + d as u64);
+    }
+}

@@ -7,7 +7,9 @@ use super::store::CStore;
 use crate::cache::LayerCache;
 use crate::dtype::KvElem;
 use crate::error::{Error, Result};
-use crate::select::{self, Budgets, GqaReduce, Granularity, Pool, Prompt, SelectOptions, SelectWorkspace};
+use crate::select::{
+    self, Budgets, GqaReduce, Granularity, Pool, Prompt, Score, SelectOptions, SelectWorkspace,
+};
 use crate::store::check_aligned;
 use std::ffi::{c_int, c_void};
 
@@ -23,6 +25,10 @@ pub const HEADWISE_GQA_MAX: c_int = 1;
 pub const HEADWISE_GRANULARITY_KV_HEAD: c_int = 0;
 /// One selection per query head, each with its own K/V copy (the papers' G-fold storage).
 pub const HEADWISE_GRANULARITY_QUERY_HEAD: c_int = 1;
+/// Prefix scores: SnapKV's window attention (the default).
+pub const HEADWISE_SCORE_SNAPKV: c_int = 0;
+/// Prefix scores: KNorm, `-||k||` per token (query-agnostic: the prompt's `queries` may be NULL).
+pub const HEADWISE_SCORE_KNORM: c_int = 1;
 
 /// Options of a prefill compression (`headwise_cache_compress_into*`). Start from
 /// `headwise_select_options_default`.
@@ -44,6 +50,9 @@ pub struct HeadwiseSelectOptions {
     pub scale: f32,
     /// Tokens per block of the scoring passes; 0 lets headwise choose (a performance knob).
     pub chunk_tokens: u32,
+    /// `HEADWISE_SCORE_SNAPKV` (default) or `HEADWISE_SCORE_KNORM`; not used by
+    /// `headwise_cache_compress_into_scored`, whose scores are given.
+    pub score: c_int,
 }
 
 impl HeadwiseSelectOptions {
@@ -72,6 +81,13 @@ impl HeadwiseSelectOptions {
                 }
             },
             scale: (self.scale != 0.0).then_some(self.scale),
+            score: match self.score {
+                HEADWISE_SCORE_SNAPKV => Score::SnapKv,
+                HEADWISE_SCORE_KNORM => Score::KeyNorm,
+                s => {
+                    return Err(Error::invalid("opts.score", format!("{s} is not a HEADWISE_SCORE_* value")));
+                }
+            },
             headroom: 0,
             chunk_tokens: (self.chunk_tokens != 0).then_some(self.chunk_tokens),
         })
@@ -96,6 +112,7 @@ pub unsafe extern "C" fn headwise_select_options_default(out: *mut HeadwiseSelec
             granularity: HEADWISE_GRANULARITY_KV_HEAD,
             scale: 0.0,
             chunk_tokens: 0,
+            score: HEADWISE_SCORE_SNAPKV,
         };
         Ok(())
     })
@@ -130,13 +147,19 @@ fn compress_typed<S: CStore, T: KvElem>(
     p: &HeadwisePrompt,
     opts: &SelectOptions,
     budgets: Budgets<'_>,
+    given: Option<(*const f32, usize)>,
 ) -> Result<()> {
     let d = c.head_dim();
     let kv = product("batch * kv_heads * q_len * head_dim", &[p.batch, p.kv_heads, p.q_len, d])?;
-    let qn = product(
-        "batch * kv_heads * group_size * window * head_dim",
-        &[p.batch, p.kv_heads, p.group_size, opts.window, d],
-    )?;
+    // Only SnapKV reads the queries; the other scores take none (NULL is fine).
+    let qn = if given.is_none() && opts.score == Score::SnapKv {
+        product(
+            "batch * kv_heads * group_size * window * head_dim",
+            &[p.batch, p.kv_heads, p.group_size, opts.window, d],
+        )?
+    } else {
+        0
+    };
     // The kernels' 16-byte check, made here so the error names the C field (`prompt.k`), not
     // the Rust one (`k`).
     for (field, ptr) in [("prompt.k", p.k), ("prompt.v", p.v), ("prompt.queries", p.queries)] {
@@ -160,7 +183,14 @@ fn compress_typed<S: CStore, T: KvElem>(
         q_len: p.q_len,
         head_dim: d,
     };
-    select::compress_into(c, &prompt, budgets, opts, ws)
+    match given {
+        None => select::compress_into(c, &prompt, budgets, opts, ws),
+        Some((ptr, len)) => {
+            // SAFETY: headwise_cache_compress_into_scored's contract: len f32 of store memory.
+            let scores = unsafe { S::borrow::<f32>(ptr.cast(), len, "scores") }?;
+            select::compress_into_scored(c, &prompt, &scores, budgets, opts, ws)
+        }
+    }
 }
 
 /// Shared body of the two compression entry points: `adakv` is `(base, floor_alpha)`, else the
@@ -175,6 +205,7 @@ unsafe fn compress(
     budgets: *const u32,
     num_budgets: usize,
     adakv: Option<(u32, f32)>,
+    given: Option<(*const f32, usize)>,
 ) -> c_int {
     boundary(|| {
         // SAFETY (this block): the caller's promise on every pointer and length.
@@ -189,7 +220,7 @@ unsafe fn compress(
             Some((base, floor_alpha)) => Budgets::AdaKv { base, floor_alpha },
             None => Budgets::PerRow(unsafe { input(budgets, num_budgets, "budgets") }?),
         };
-        with_cache!(&mut cache.inner, c, ws => compress_typed(c, &mut ws.select, prompt, &opts, budgets))
+        with_cache!(&mut cache.inner, c, ws => compress_typed(c, &mut ws.select, prompt, &opts, budgets, given))
     })
 }
 
@@ -217,7 +248,7 @@ pub unsafe extern "C" fn headwise_cache_compress_into(
     num_budgets: usize,
 ) -> c_int {
     // SAFETY: forwarded.
-    unsafe { compress(cache, prompt, opts, budgets, num_budgets, None) }
+    unsafe { compress(cache, prompt, opts, budgets, num_budgets, None, None) }
 }
 
 /// As `headwise_cache_compress_into` with AdaKV budgets allocated on the device after scoring:
@@ -240,5 +271,29 @@ pub unsafe extern "C" fn headwise_cache_compress_into_adakv(
     floor_alpha: f32,
 ) -> c_int {
     // SAFETY: forwarded.
-    unsafe { compress(cache, prompt, opts, std::ptr::null(), 0, Some((base, floor_alpha))) }
+    unsafe { compress(cache, prompt, opts, std::ptr::null(), 0, Some((base, floor_alpha)), None) }
+}
+
+/// As `headwise_cache_compress_into` with the prefix scores given instead of computed: the
+/// primitive any score plugs into (a press of the engine's own, KeyDiff, TOVA, a learned one).
+/// `scores[num_scores]` is `[rows][q_len - window]` f32 in the store's memory (device memory on
+/// a GPU), one per prefix token of each score row, higher keeps; pooled as `opts` says
+/// (`pool_kernel` 1 for none), NaN below every number, ties to the lower position; the window
+/// is always kept. `opts->score` is not used and the prompt's `queries` may be NULL.
+///
+/// # Safety
+/// As `headwise_cache_compress_into`; `scores` NULL or `num_scores` floats of store memory,
+/// written before this call in the stream's order.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn headwise_cache_compress_into_scored(
+    cache: *mut HeadwiseCache,
+    prompt: *const HeadwisePrompt,
+    opts: *const HeadwiseSelectOptions,
+    scores: *const f32,
+    num_scores: usize,
+    budgets: *const u32,
+    num_budgets: usize,
+) -> c_int {
+    // SAFETY: forwarded.
+    unsafe { compress(cache, prompt, opts, budgets, num_budgets, None, Some((scores, num_scores))) }
 }

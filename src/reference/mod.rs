@@ -138,16 +138,38 @@ pub fn snapkv_scores<T: crate::KvElem>(
             GqaReduce::Max => per_head.iter().map(|s| s[j]).fold(f64::NEG_INFINITY, f64::max),
         })
         .collect();
+    pool_scores(&reduced, kernel, pool)
+}
+
+/// Pooling along tokens (SPEC section 3): stride 1, padding `kernel / 2`; max ignores the
+/// padding (and NaN, as the kernels' `fmaxf` does), avg counts the zero padding.
+pub fn pool_scores(scores: &[f64], kernel: usize, pool: Pool) -> Vec<f64> {
+    let n = scores.len();
     let r = kernel / 2;
     (0..n)
         .map(|j| {
             let lo = j.saturating_sub(r);
             let hi = (j + r).min(n - 1);
-            let vals = reduced[lo..=hi].iter().copied();
+            let vals = scores[lo..=hi].iter().copied();
             match pool {
                 Pool::Max => vals.fold(f64::NEG_INFINITY, f64::max),
                 Pool::Avg => vals.sum::<f64>() / kernel as f64,
             }
+        })
+        .collect()
+}
+
+/// KNorm's scores (kvpress `KnormPress`) of one segment's prompt keys `k` (`[q][head_dim]`):
+/// `-||k_j||` for each prefix token `j < q - window`, unpooled.
+pub fn knorm_scores<T: crate::KvElem>(k: &[T], head_dim: usize, window: usize) -> Vec<f64> {
+    let n = k.len() / head_dim - window;
+    (0..n)
+        .map(|j| {
+            -k[j * head_dim..(j + 1) * head_dim]
+                .iter()
+                .map(|&x| f64::from(x.to_f32()).powi(2))
+                .sum::<f64>()
+                .sqrt()
         })
         .collect()
 }

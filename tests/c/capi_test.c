@@ -724,6 +724,38 @@ static void test_emulator(void) {
     CHECK(s.len[0] + s.len[1] >= 30 && s.len[0] + s.len[1] <= 32);
     CHECK(s.len[0] >= WIN + 1 && s.len[1] >= WIN + 1);
 
+    /* Given scores (here the position: later is better) and KNorm, on fresh caches. */
+    HeadwiseCache *scored = NULL, *knorm = NULL;
+    uint16_t *k4 = bf16_array(total_rows * D, 0), *v4 = bf16_array(total_rows * D, 0);
+    uint16_t *k5 = bf16_array(total_rows * D, 0), *v5 = bf16_array(total_rows * D, 0);
+    OK(headwise_cache_create(store, layout, HEADWISE_DTYPE_BF16, D, k4, v4, &scored));
+    OK(headwise_cache_create(store, layout, HEADWISE_DTYPE_BF16, D, k5, v5, &knorm));
+    float prefix_scores[KV * (Q_LEN - WIN)];
+    for (int i = 0; i < KV * (Q_LEN - WIN); i++) prefix_scores[i] = (float)(i % (Q_LEN - WIN));
+    HeadwisePrompt no_queries = {pk, pv, NULL, 1, KV, G, Q_LEN};
+    HeadwiseSelectOptions unpooled = opts;
+    unpooled.pool_kernel = 1;
+    INVALID(headwise_cache_compress_into_scored(scored, &no_queries, &unpooled, prefix_scores, 3, budgets, KV), "scores");
+    OK(headwise_cache_compress_into_scored(scored, &no_queries, &unpooled, prefix_scores, KV * (Q_LEN - WIN), budgets,
+                                           KV));
+    s = segments_of(scored);
+    for (int h = 0; h < KV; h++) {
+        CHECK(s.len[h] == budgets[h]);
+        /* The best prefix tokens are the latest: the kept rows are the last `budget` tokens. */
+        for (uint32_t i = 0; i < s.len[h]; i++)
+            CHECK(source_of(k4, s.offset[h] + i, pk, h) == (int)(Q_LEN - budgets[h] + i));
+    }
+    HeadwiseSelectOptions by_norm = opts;
+    by_norm.score = 7;
+    INVALID(headwise_cache_compress_into(knorm, &no_queries, &by_norm, budgets, KV), "opts.score");
+    by_norm.score = HEADWISE_SCORE_KNORM;
+    OK(headwise_cache_compress_into(knorm, &no_queries, &by_norm, budgets, KV));
+    s = segments_of(knorm);
+    CHECK(s.len[0] == budgets[0] && s.len[1] == budgets[1]);
+    OK(headwise_cache_free(scored));
+    OK(headwise_cache_free(knorm));
+    free(k4), free(v4), free(k5), free(v5);
+
     /* A ring of the other dtype cannot drive this cache. */
     HeadwiseQueryRing *f16_ring = NULL;
     OK(headwise_query_ring_create(store, HEADWISE_DTYPE_F16, HEADS, 8, D, &f16_ring));

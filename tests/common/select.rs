@@ -560,3 +560,162 @@ pub fn attention_after_compress<S: Store, T: KvElem>(
         }
     }
 }
+
+/// The compression primitive with scores not from SnapKV: [`Score::KeyNorm`] computed by its
+/// kernel, and scores given by the caller ([`compress_into_scored`]), with per-row budgets and
+/// AdaKV, per KV head and per query head, against the reference (token-exact: the keys' norms
+/// are exact multiples of `sqrt(head_dim)`, with planted ties; given scores include ties, NaN
+/// and -inf, and pool by max, which rounds nothing). Queries are never read: the prompt has
+/// none.
+pub fn key_norm_and_given_scores<S: Store, T: KvElem>(store: &S, head_dim: usize, seed: u64) {
+    use headwise::select::{Score, compress_into_scored};
+    let (batch, kv_heads, group, q, window) = (2usize, 2usize, 2usize, 41usize, 5usize);
+    let n = q - window;
+    let segments = batch * kv_heads;
+    // Row t of segment s: every element a, a from a small set of exact values (ties) and signs
+    // (a and -a tie too), so ||k|| = |a| sqrt(d) orders exactly.
+    let mut x = seed | 1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut k_host = Vec::with_capacity(segments * q * head_dim);
+    for _ in 0..segments * q {
+        let r = next();
+        let a = ((r % 12) as f32 + 1.0) / 16.0 * if r & 0x100 != 0 { -1.0 } else { 1.0 };
+        k_host.extend(std::iter::repeat_n(T::from_f32(a), head_dim));
+    }
+    let v_host = values::<T>(seed ^ 0x55, segments * q * head_dim, 1.0);
+    let (k, v, none) =
+        (store.upload(&k_host).unwrap(), store.upload(&v_host).unwrap(), store.zeros::<T>(0).unwrap());
+    let prompt =
+        Prompt { k: &k, v: &v, queries: &none, batch, kv_heads, group_size: group, q_len: q, head_dim };
+    for granularity in [Granularity::KvHead, Granularity::QueryHead] {
+        let g = if granularity == Granularity::QueryHead { group } else { 1 };
+        let rows = segments * g;
+        let src = |row: usize| row / g;
+        for pool_kernel in [1usize, 3] {
+            let opts = SelectOptions {
+                window,
+                pool_kernel,
+                pool: Pool::Max,
+                granularity,
+                ..SelectOptions::default()
+            };
+            let knorm: Vec<Vec<f64>> = (0..rows)
+                .map(|r| {
+                    let seg = &k_host[src(r) * q * head_dim..(src(r) + 1) * q * head_dim];
+                    reference::pool_scores(
+                        &reference::knorm_scores(seg, head_dim, window),
+                        pool_kernel,
+                        Pool::Max,
+                    )
+                })
+                .collect();
+            // Given scores: ties (a few values), NaN and -inf.
+            let given: Vec<f32> = (0..rows * n)
+                .map(|i| match next() % 9 {
+                    0 => f32::NAN,
+                    1 => f32::NEG_INFINITY,
+                    r => (r % 4) as f32 * 0.25 + (i % 3) as f32,
+                })
+                .collect();
+            let given_ref: Vec<Vec<f64>> = (0..rows)
+                .map(|r| {
+                    let row: Vec<f64> = given[r * n..(r + 1) * n].iter().map(|&s| f64::from(s)).collect();
+                    reference::pool_scores(&row, pool_kernel, Pool::Max)
+                })
+                .collect();
+            let given_buf = store.upload(&given).unwrap();
+            let budgets: Vec<u32> =
+                (0..rows).map(|_| (window + (next() as usize) % (q - window + 3)) as u32).collect();
+            for (what, scores, want_scores) in
+                [("KeyNorm", None, &knorm), ("given", Some(&given_buf), &given_ref)]
+            {
+                for adakv in [false, true] {
+                    let label =
+                        format!("{what} {granularity:?} pool {pool_kernel} adakv {adakv} d{head_dim}");
+                    let counts: Vec<usize> = if adakv {
+                        (0..batch)
+                            .flat_map(|b| {
+                                let per = rows / batch;
+                                reference::adakv_budgets(
+                                    &want_scores[b * per..(b + 1) * per],
+                                    window,
+                                    16,
+                                    0.2,
+                                )
+                            })
+                            .collect()
+                    } else {
+                        budgets.iter().map(|&b| b as usize).collect()
+                    };
+                    let segs =
+                        (0..rows).map(|r| Segment::full((r * q) as u32, q as u32, 0)).collect::<Vec<_>>();
+                    let layout = LayerLayout::new(batch, rows / batch, (rows * q) as u64, segs).unwrap();
+                    let mut dest = LayerCache::<S, T>::new(store, layout, head_dim).unwrap();
+                    let mut ws = SelectWorkspace::new();
+                    let b = if adakv {
+                        Budgets::AdaKv { base: 16, floor_alpha: 0.2 }
+                    } else {
+                        Budgets::PerRow(&budgets)
+                    };
+                    match scores {
+                        None => {
+                            let o = SelectOptions { score: Score::KeyNorm, ..opts };
+                            compress_into(&mut dest, &prompt, b, &o, &mut ws).unwrap();
+                        }
+                        Some(s) => compress_into_scored(&mut dest, &prompt, s, b, &opts, &mut ws).unwrap(),
+                    }
+                    let kept = ws.kept(store).unwrap();
+                    let got_k = store.download(dest.k()).unwrap();
+                    for r in 0..rows {
+                        let want: Vec<u32> = reference::select_positions(&want_scores[r], window, counts[r])
+                            .into_iter()
+                            .map(|p| p as u32)
+                            .collect();
+                        assert_eq!(kept[r], want, "{label}: row {r} positions");
+                        let seg = dest.layout().segments()[r];
+                        assert_eq!(seg.len as usize, want.len(), "{label}: row {r} len");
+                        for (i, &p) in want.iter().enumerate() {
+                            let from = (src(r) * q + p as usize) * head_dim;
+                            let to = (seg.offset as usize + i) * head_dim;
+                            assert_eq!(
+                                bytemuck::cast_slice::<T, u16>(&got_k[to..to + head_dim]),
+                                bytemuck::cast_slice::<T, u16>(&k_host[from..from + head_dim]),
+                                "{label}: row {r} kept row {i} is prompt row {p}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // Given scores of the wrong length are refused by name, before any launch.
+    let layout = LayerLayout::new(
+        batch,
+        kv_heads,
+        (segments * q) as u64,
+        (0..segments).map(|r| Segment::full((r * q) as u32, q as u32, 0)).collect(),
+    )
+    .unwrap();
+    let mut dest = LayerCache::<S, T>::new(store, layout, head_dim).unwrap();
+    let short = store.upload(&vec![0.0f32; segments * n - 1]).unwrap();
+    let opts = SelectOptions { window, ..SelectOptions::default() };
+    let err = compress_into_scored(
+        &mut dest,
+        &prompt,
+        &short,
+        Budgets::PerRow(&[8; 4]),
+        &opts,
+        &mut SelectWorkspace::new(),
+    )
+    .unwrap_err();
+    assert!(matches!(&err, Error::Invalid { field, .. } if field == "scores"), "{err}");
+    // SnapKV still needs its queries.
+    let err = compress_into(&mut dest, &prompt, Budgets::PerRow(&[8; 4]), &opts, &mut SelectWorkspace::new())
+        .unwrap_err();
+    assert!(matches!(&err, Error::Invalid { field, .. } if field == "queries"), "{err}");
+}
