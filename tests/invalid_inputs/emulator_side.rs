@@ -230,14 +230,23 @@ fn cache_append(b: &mut Battery) {
         let n = pair.segments() * D;
         let fault = faulted(&[(kf, n, "k_new"), (vf, n, "v_new")]);
         // Only a call the C side also makes changes the mirror.
-        let rust = if fault.is_empty() {
+        let expect = if fault.is_empty() {
             expect_of(pair.rust.append(&EmuBuf::zeros(n).unwrap(), &EmuBuf::zeros(n).unwrap()))
+        } else if let Err(full) = pair.rust.layout().check_appendable() {
+            // Once a Full segment has no free row (long runs get there), NULL and unaligned
+            // element pointers are still caught first, when the C side wraps them; a 16-bit
+            // aligned pointer gets to the full segment before the kernels' 16-byte check.
+            let early = faulted(&[
+                (if kf == 2 { 0 } else { kf }, n, "k_new"),
+                (if vf == 2 { 0 } else { vf }, n, "v_new"),
+            ]);
+            if early.is_empty() { expect_of::<()>(Err(full)) } else { with_fault(Expect::Ok, early) }
         } else {
-            Expect::Ok
+            with_fault(Expect::Ok, fault)
         };
         let base = src.ptr();
         // SAFETY: src holds n bf16 (+16 bytes); the cache is live.
-        p.c_call(with_fault(rust, fault), || unsafe {
+        p.c_call(expect, || unsafe {
             headwise_cache_append(pair.cache, fault_ptr(base, kf), fault_ptr(base, vf))
         })?;
         Ok(())
