@@ -12,7 +12,8 @@
 //! - `NVCC`, `CUDA_HOME`/`CUDA_PATH`, `PATH`, then the PyPI layout
 //!   `<site-packages>/nvidia/cu13/bin/nvcc`: where nvcc is looked for, in that order.
 //! - `HEADWISE_CUDA_ARCHS=80,90`: the SASS architectures (default 80,86,89,90; PTX for the last).
-//! - `HEADWISE_REQUIRE_NVCC=1`: a missing or failing nvcc is a build error instead of a warning.
+//! - `HEADWISE_REQUIRE_NVCC=1`: a missing or failing nvcc is a build error instead of a warning
+//!   (builds with the `cuda` feature; without it there is nothing to compile with nvcc).
 //! - `HEADWISE_EMU_SANITIZE=1`: build the emulator with AddressSanitizer and UBSan.
 
 use std::env;
@@ -55,10 +56,8 @@ fn main() {
     let fatbins = if env::var_os("CARGO_FEATURE_CUDA").is_some() {
         build_fatbins(&cuda, &out, &modules)
     } else {
-        assert!(
-            !env_flag("HEADWISE_REQUIRE_NVCC"),
-            "HEADWISE_REQUIRE_NVCC is set but the `cuda` feature is off"
-        );
+        // HEADWISE_REQUIRE_NVCC asks for the kernels of builds that have a GPU path; a build
+        // without the `cuda` feature has none to require (CI sets the variable for every step).
         None
     };
     write_kernel_table(&out, &modules, &selftests, fatbins.as_ref(), emulator);
