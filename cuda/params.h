@@ -202,6 +202,32 @@ typedef struct HwQueryPushParams {
     int32_t slot;
 } HwQueryPushParams;
 
+/* Expected Attention scores (kvpress ExpectedAttentionPress) of one layer's prompt, for
+ * select::compress_into_scored. k/v: [num_segments][q_len][head_dim] (KV dtype), as the prompt
+ * of HwSelectParams. mean: [num_segments][G][head_dim] f32, the expected query of each query
+ * head; cov: [num_segments][G][head_dim][head_dim] f32 or NULL (no covariance term).
+ * Per query head g: logit_t = mean_g . k_t / sqrt(d) + k_t^T cov_g k_t / (2 d) over the q_len
+ * keys but the first `sink` (kvpress drops them), softmax over those, mean over the group,
+ * then (score + epsilon) * ||v_t|| when use_vnorm; the sinks score +inf (kept first).
+ * Output: scores [num_segments][q_len - window] f32 (the prefix). logits: scratch
+ * [num_segments][G][q_len] f32. */
+typedef struct HwScoreParams {
+    const void* k;
+    const void* v;
+    const float* mean;
+    const float* cov;
+    float* logits;
+    float* scores;
+    int32_t num_segments;
+    int32_t group_size;
+    int32_t head_dim;
+    int32_t q_len;
+    int32_t window;
+    int32_t sink;
+    float epsilon;
+    int32_t use_vnorm;
+} HwScoreParams;
+
 /* Launch geometry handed to the emulator (the GPU path passes the same numbers to the driver). */
 typedef struct HwLaunch {
     uint32_t grid_x, grid_y, grid_z;

@@ -4,7 +4,8 @@
 //! bytes kept, the attention-output error against the full cache over the decode steps, the
 //! needle tokens retained, the one-time compression time and the time per decode step.
 //!
-//! Methods: SnapKV (uniform budget), KNorm (query-agnostic -||k|| scores, uniform budget), PyramidKV (per-layer budgets), HeadKV-R2 (per-head budgets
+//! Methods: SnapKV (uniform budget), KNorm and Expected Attention (kvpress's scores, uniform
+//! budget), PyramidKV (per-layer budgets), HeadKV-R2 (per-head budgets
 //! from the authors' Llama-3-8B score file when ../shared/data is present, else synthetic
 //! scores), AdaKV (budgets allocated on the device), R-KV (eviction during the decode, from the
 //! full prompt), and RLKV mixed heads (Full + 16 sink/64 recent Streaming heads from RLKV's
@@ -22,10 +23,13 @@ use headwise::policy::budget::{self, HeadKvOptions};
 use headwise::policy::head_scores::HeadScores;
 use headwise::policy::heads::{FullHeads, HeadGates, StreamingSize};
 use headwise::redundancy::{QueryRing, RkvOptions, RkvTrigger, RkvWorkspace, evict};
-use headwise::select::{Budgets, Prompt, Score, SelectOptions, SelectWorkspace, compress};
+use headwise::scores::{self, ExpectedAttention, ScoreWorkspace};
+use headwise::select::{
+    Budgets, Prompt, Score, SelectOptions, SelectWorkspace, compress, compress_into_scored,
+};
 use headwise::{
-    AttentionOptions, AttentionWorkspace, EmuStore, GpuStore, KvElem, LayerCache, LayerLayout, Segment,
-    SegmentMode, Store,
+    AttentionOptions, AttentionWorkspace, EmuStore, GpuStore, KvElem, LayerCache, LayerLayout, LayoutBuilder,
+    Segment, SegmentMode, Store,
 };
 use std::path::Path;
 use std::time::Instant;
@@ -220,6 +224,9 @@ enum Prefill {
     AdaKv,
     /// kvpress's KNorm: -||k|| scores (no queries), uniform budget, no pooling.
     KNorm,
+    /// kvpress's Expected Attention: the query mean and covariance (here of the observation
+    /// window's queries, per query head) score every key; uniform budget, no pooling.
+    ExpectedAttention,
 }
 
 /// A method's layer cache at the start of decoding. R-KV also carries its query ring, its
@@ -257,7 +264,9 @@ fn compress_layer<S: Store>(
         head_dim: HEAD_DIM,
     };
     let per_row: Vec<u32> = match method {
-        Prefill::Snap | Prefill::KNorm => vec![budget::uniform(size.budget, WINDOW as u32)?; n],
+        Prefill::Snap | Prefill::KNorm | Prefill::ExpectedAttention => {
+            vec![budget::uniform(size.budget, WINDOW as u32)?; n]
+        }
         Prefill::Pyramid => {
             let layers = budget::pyramid(size.budget, WINDOW as u32, MODEL_LAYERS, size.prompt as u32, 20)?;
             vec![layers[layer]; n]
@@ -274,7 +283,48 @@ fn compress_layer<S: Store>(
         (opts.score, opts.pool_kernel) = (Score::KeyNorm, 1);
     }
     let mut ws = SelectWorkspace::new();
-    let cache = compress(store, &prompt, budgets, &opts, &mut ws)?;
+    let cache = if let Prefill::ExpectedAttention = method {
+        opts.pool_kernel = 1;
+        // Query statistics per query head from its window queries (the demo's layers have no
+        // RoPE to average over future positions, which kvpress does before this step).
+        let d = HEAD_DIM;
+        let (mut mean, mut cov) = (vec![0.0f32; n * GROUP * d], vec![0.0f32; n * GROUP * d * d]);
+        for h in 0..n * GROUP {
+            let q = |i: usize, j: usize| data.window_q[(h * WINDOW + i) * d + j].to_f32();
+            for j in 0..d {
+                mean[h * d + j] = (0..WINDOW).map(|i| q(i, j)).sum::<f32>() / WINDOW as f32;
+            }
+            for a in 0..d {
+                for b in 0..d {
+                    let c: f32 =
+                        (0..WINDOW).map(|i| (q(i, a) - mean[h * d + a]) * (q(i, b) - mean[h * d + b])).sum();
+                    cov[(h * d + a) * d + b] = c / WINDOW as f32;
+                }
+            }
+        }
+        let (mean, cov) = (store.upload(&mean)?, store.upload(&cov)?);
+        let mut scores = store.zeros::<f32>(n * (size.prompt - WINDOW))?;
+        let ea = ExpectedAttention::default();
+        scores::expected_attention(
+            store,
+            &prompt,
+            &mean,
+            Some(&cov),
+            WINDOW,
+            &ea,
+            &mut scores,
+            &mut ScoreWorkspace::new(),
+        )?;
+        let mut layout = LayoutBuilder::new(size.batch, KV_HEADS).headroom(size.steps as u32);
+        for s in 0..n {
+            layout = layout.full(s / KV_HEADS, s % KV_HEADS, (per_row[s] as usize).min(size.prompt) as u32);
+        }
+        let mut cache = LayerCache::new(store, layout.build()?, HEAD_DIM)?;
+        compress_into_scored(&mut cache, &prompt, &scores, budgets, &opts, &mut ws)?;
+        cache
+    } else {
+        compress(store, &prompt, budgets, &opts, &mut ws)?
+    };
     let kept = ws.kept(store)?;
     let retained = kept
         .iter()
@@ -321,6 +371,7 @@ fn run<S: Store>(
         "HeadKV-R2",
         "AdaKV",
         "KNorm (-|k|, uniform)",
+        "Expected Attention (uniform)",
         "R-KV (evicts while decoding)",
     ]
     .iter()
@@ -347,9 +398,16 @@ fn run<S: Store>(
         };
         let (full, retained) = build_layer(store, &size, &all, layer, &data.tokens)?;
         add(&mut rows[0], full, retained, None, None);
-        for (i, m) in [Prefill::Snap, Prefill::Pyramid, Prefill::HeadKv, Prefill::AdaKv, Prefill::KNorm]
-            .into_iter()
-            .enumerate()
+        for (i, m) in [
+            Prefill::Snap,
+            Prefill::Pyramid,
+            Prefill::HeadKv,
+            Prefill::AdaKv,
+            Prefill::KNorm,
+            Prefill::ExpectedAttention,
+        ]
+        .into_iter()
+        .enumerate()
         {
             sync(store);
             let t = Instant::now();
@@ -371,10 +429,10 @@ fn run<S: Store>(
             ring.push(&store.upload(&q)?)?;
         }
         let positions = vec![(0..size.prompt).collect::<Vec<usize>>(); n];
-        add(&mut rows[6], cache, 0, None, Some((ring, RkvWorkspace::new(), positions)));
+        add(&mut rows[7], cache, 0, None, Some((ring, RkvWorkspace::new(), positions)));
         for (i, &sp) in SPARSITIES.iter().enumerate() {
             let (cache, retained) = build_layer(store, &size, &gates.select_full(sp)?, layer, &data.tokens)?;
-            add(&mut rows[7 + i], cache, retained, None, None);
+            add(&mut rows[8 + i], cache, retained, None, None);
         }
         eprint!(" decode");
 
@@ -431,8 +489,8 @@ fn run<S: Store>(
             err_n += n * GROUP;
             eprint!(".");
         }
-        if let Some((_, _, positions)) = &methods[6].rkv {
-            rows[6].needles.0 += positions
+        if let Some((_, _, positions)) = &methods[7].rkv {
+            rows[7].needles.0 += positions
                 .iter()
                 .zip(&data.tokens)
                 .map(|(p, t)| t.needles.iter().filter(|x| p.contains(x)).count())

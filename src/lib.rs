@@ -29,6 +29,7 @@ pub mod params;
 pub mod policy;
 pub mod redundancy;
 pub mod reference;
+pub mod scores;
 pub mod select;
 #[cfg(feature = "emulator")]
 #[doc(hidden)]

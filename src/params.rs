@@ -510,6 +510,80 @@ impl Default for HwQueryPushParams {
     }
 }
 #[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct HwScoreParams {
+    pub k: *const ::core::ffi::c_void,
+    pub v: *const ::core::ffi::c_void,
+    pub mean: *const f32,
+    pub cov: *const f32,
+    pub logits: *mut f32,
+    pub scores: *mut f32,
+    pub num_segments: i32,
+    pub group_size: i32,
+    pub head_dim: i32,
+    pub q_len: i32,
+    pub window: i32,
+    pub sink: i32,
+    pub epsilon: f32,
+    pub use_vnorm: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of HwScoreParams"][::core::mem::size_of::<HwScoreParams>() - 80usize];
+    ["Alignment of HwScoreParams"][::core::mem::align_of::<HwScoreParams>() - 8usize];
+    [
+        "Offset of field: HwScoreParams::k",
+    ][::core::mem::offset_of!(HwScoreParams, k) - 0usize];
+    [
+        "Offset of field: HwScoreParams::v",
+    ][::core::mem::offset_of!(HwScoreParams, v) - 8usize];
+    [
+        "Offset of field: HwScoreParams::mean",
+    ][::core::mem::offset_of!(HwScoreParams, mean) - 16usize];
+    [
+        "Offset of field: HwScoreParams::cov",
+    ][::core::mem::offset_of!(HwScoreParams, cov) - 24usize];
+    [
+        "Offset of field: HwScoreParams::logits",
+    ][::core::mem::offset_of!(HwScoreParams, logits) - 32usize];
+    [
+        "Offset of field: HwScoreParams::scores",
+    ][::core::mem::offset_of!(HwScoreParams, scores) - 40usize];
+    [
+        "Offset of field: HwScoreParams::num_segments",
+    ][::core::mem::offset_of!(HwScoreParams, num_segments) - 48usize];
+    [
+        "Offset of field: HwScoreParams::group_size",
+    ][::core::mem::offset_of!(HwScoreParams, group_size) - 52usize];
+    [
+        "Offset of field: HwScoreParams::head_dim",
+    ][::core::mem::offset_of!(HwScoreParams, head_dim) - 56usize];
+    [
+        "Offset of field: HwScoreParams::q_len",
+    ][::core::mem::offset_of!(HwScoreParams, q_len) - 60usize];
+    [
+        "Offset of field: HwScoreParams::window",
+    ][::core::mem::offset_of!(HwScoreParams, window) - 64usize];
+    [
+        "Offset of field: HwScoreParams::sink",
+    ][::core::mem::offset_of!(HwScoreParams, sink) - 68usize];
+    [
+        "Offset of field: HwScoreParams::epsilon",
+    ][::core::mem::offset_of!(HwScoreParams, epsilon) - 72usize];
+    [
+        "Offset of field: HwScoreParams::use_vnorm",
+    ][::core::mem::offset_of!(HwScoreParams, use_vnorm) - 76usize];
+};
+impl Default for HwScoreParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct HwLaunch {
     pub grid_x: u32,

@@ -91,6 +91,7 @@ const ENTRY_POINTS: &[fn(&mut Battery)] = &[
     select_compress,
     select_compress_into,
     select_compress_into_scored,
+    scores_expected_attention,
     rkv_evict,
     query_ring_new,
     query_ring_push,
@@ -2436,6 +2437,103 @@ fn sel_dest(c: &mut SelCase, fault: Option<&DestFault>, x: u32) -> (LayerLayout,
 /// The scores primitive: a valid prompt and destination, given scores of the right length or
 /// not, with either computed score in the options (ignored): the Rust outcome of the same call
 /// with SnapKV scoring is the expectation, except that the scores' length is checked too.
+/// Expected Attention scores: shapes, lengths of every buffer, window, sink and epsilon out of
+/// range, one fault at a time or none; a valid call launches and the two kernels run.
+fn scores_expected_attention(b: &mut Battery) {
+    use headwise::scores::{ExpectedAttention, ScoreWorkspace, expected_attention};
+    let shape = (
+        1usize..3,
+        1usize..3,
+        prop_oneof![4 => 1usize..5, 1 => Just(0usize), 1 => 17usize..20],
+        1usize..24,
+        prop_oneof![Just(64usize), Just(128), Just(96)],
+    );
+    let fault = prop_oneof![4 => Just(None), 1 => (0u8..8, 1usize..5).prop_map(Some)];
+    b.run(
+        "scores::expected_attention",
+        1_000,
+        (shape, 0usize..30, 0usize..30, fault),
+        |p, ((batch, kv_heads, group, q, d), window, sink, fault)| {
+            let s = store(p);
+            let segments = batch * kv_heads;
+            let window = 1 + window % q;
+            let sink = sink % q;
+            let n = q - window;
+            let (mut kv, mut mean, mut cov, mut out) =
+                (segments * q * d, segments * group * d, segments * group * d * d, segments * n);
+            let mut o = ExpectedAttention { sink, ..ExpectedAttention::default() };
+            let mut win = window;
+            // The expected field when the shape itself is fine and one fault is planted.
+            let planted = fault.map(|(f, delta)| match f {
+                0 => {
+                    kv += delta;
+                    "k"
+                }
+                1 => {
+                    mean += delta;
+                    "mean"
+                }
+                2 => {
+                    cov += delta;
+                    "cov"
+                }
+                3 => {
+                    out += delta;
+                    "scores"
+                }
+                4 => {
+                    win = 0;
+                    "window"
+                }
+                5 => {
+                    win = q + delta;
+                    "window"
+                }
+                6 => {
+                    o.sink = q + delta - 1;
+                    "sink"
+                }
+                _ => {
+                    o.epsilon = f32::INFINITY;
+                    "epsilon"
+                }
+            });
+            let shape_fault = if ![64, 128, 256].contains(&d) {
+                Some("head_dim")
+            } else if group == 0 || group > 16 {
+                Some("group_size")
+            } else {
+                None
+            };
+            let expect = match (shape_fault, planted) {
+                (Some(f), _) => invalid(f),
+                (None, Some(f)) => invalid(f),
+                (None, None) => Expect::Ok,
+            };
+            let (kb, vb, none) = (
+                s.zeros::<bf16>(kv).unwrap(),
+                s.zeros::<bf16>(segments * q * d).unwrap(),
+                s.zeros::<bf16>(0).unwrap(),
+            );
+            let prompt = Prompt {
+                k: &kb,
+                v: &vb,
+                queries: &none,
+                batch,
+                kv_heads,
+                group_size: group,
+                q_len: q,
+                head_dim: d,
+            };
+            let (mb, cb) = (s.zeros::<f32>(mean).unwrap(), s.zeros::<f32>(cov).unwrap());
+            let mut ob = s.zeros::<f32>(out).unwrap();
+            let mut ws = ScoreWorkspace::new();
+            p.call(expect, || expected_attention(&s, &prompt, &mb, Some(&cb), win, &o, &mut ob, &mut ws))?;
+            Ok(())
+        },
+    );
+}
+
 fn select_compress_into_scored(b: &mut Battery) {
     b.run(
         "select::compress_into_scored",

@@ -63,6 +63,8 @@ fn launch_rules(kernel: &str) -> (u32, &'static str) {
         ("hw_select_stats_", 128, "ldg128,hmma"),   // select.rs TILE_THREADS
         ("hw_select_score_", 128, "ldg128,hmma"),   // select.rs TILE_THREADS
         ("hw_select_knorm_", 128, "ldg128"),        // select.rs TILE_THREADS (one warp per token)
+        ("hw_scores_ea_logits_", 128, "ldg128"),    // scores.rs LOGIT_THREADS
+        ("hw_scores_ea_finish_", 256, "ldg128"),    // scores.rs FINISH_THREADS
         ("hw_select_pool", 256, "-"),               // select.rs ELEMENTWISE_THREADS
         ("hw_select_adakv", 256, "-"),              // select.rs TOP_THREADS
         ("hw_select_topk", 256, "-"),               // select.rs TOP_THREADS

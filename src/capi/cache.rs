@@ -31,6 +31,7 @@ pub(super) struct Workspaces<S: Store> {
     pub(super) attention: AttentionWorkspace<S>,
     pub(super) select: SelectWorkspace<S>,
     pub(super) rkv: RkvWorkspace<S>,
+    pub(super) scores: crate::scores::ScoreWorkspace<S>,
 }
 
 pub(super) struct Cache<S: Store> {
@@ -120,6 +121,7 @@ fn new_cache<S: CStore>(
         attention: AttentionWorkspace::new(),
         select: SelectWorkspace::new(),
         rkv: RkvWorkspace::new(),
+        scores: crate::scores::ScoreWorkspace::new(),
     };
     Ok(Cache { kv, ws })
 }

@@ -297,3 +297,136 @@ pub unsafe extern "C" fn headwise_cache_compress_into_scored(
     // SAFETY: forwarded.
     unsafe { compress(cache, prompt, opts, budgets, num_budgets, None, Some((scores, num_scores))) }
 }
+
+/// Options of `headwise_cache_expected_attention_scores` (kvpress `ExpectedAttentionPress`).
+/// Start from `headwise_expected_attention_options_default`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct HeadwiseExpectedAttentionOptions {
+    /// Tokens at the start of each sequence left out of the softmax and always kept (default 4;
+    /// below `q_len`).
+    pub sink: u32,
+    /// Nonzero: multiply by `||v||` after adding `epsilon` (default 1).
+    pub use_vnorm: i32,
+    /// Added before the value-norm rescaling (default 0.02).
+    pub epsilon: f32,
+}
+
+/// Writes kvpress's defaults (sink 4, value norm on, epsilon 0.02) to `*out`.
+///
+/// # Safety
+/// `out` must be NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn headwise_expected_attention_options_default(
+    out: *mut HeadwiseExpectedAttentionOptions,
+) -> c_int {
+    boundary(|| {
+        let d = crate::scores::ExpectedAttention::default();
+        // SAFETY: the caller's promise on `out`.
+        *unsafe { out_value(out, "out") }? = HeadwiseExpectedAttentionOptions {
+            sink: d.sink as u32,
+            use_vnorm: i32::from(d.use_vnorm),
+            epsilon: d.epsilon,
+        };
+        Ok(())
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn expected_attention_typed<S: CStore, T: KvElem>(
+    c: &LayerCache<S, T>,
+    ws: &mut crate::scores::ScoreWorkspace<S>,
+    p: &HeadwisePrompt,
+    mean: (*const f32, usize),
+    cov: Option<(*const f32, usize)>,
+    window: usize,
+    opts: &crate::scores::ExpectedAttention,
+    scores: (*mut f32, usize),
+) -> Result<()> {
+    let d = c.head_dim();
+    let kv = product("batch * kv_heads * q_len * head_dim", &[p.batch, p.kv_heads, p.q_len, d])?;
+    for (field, ptr) in [("prompt.k", p.k), ("prompt.v", p.v)] {
+        check_aligned(field, ptr.addr() as u64)?;
+    }
+    // SAFETY (this block): headwise_cache_expected_attention_scores's contract on every
+    // pointer and length (store memory of the stated sizes).
+    let (k, v, none, mean, cov, mut out) = unsafe {
+        (
+            S::borrow::<T>(p.k, kv, "prompt.k")?,
+            S::borrow::<T>(p.v, kv, "prompt.v")?,
+            S::borrow::<T>(std::ptr::null(), 0, "prompt.queries")?,
+            S::borrow::<f32>(mean.0.cast(), mean.1, "mean")?,
+            match cov {
+                Some((ptr, len)) => Some(S::borrow::<f32>(ptr.cast(), len, "cov")?),
+                None => None,
+            },
+            S::borrow::<f32>(scores.0.cast_const().cast(), scores.1, "scores")?,
+        )
+    };
+    let prompt = Prompt {
+        k: &k,
+        v: &v,
+        queries: &none,
+        batch: p.batch,
+        kv_heads: p.kv_heads,
+        group_size: p.group_size,
+        q_len: p.q_len,
+        head_dim: d,
+    };
+    crate::scores::expected_attention(c.store(), &prompt, &mean, cov.as_ref(), window, opts, &mut out, ws)
+}
+
+/// Expected Attention scores (kvpress `ExpectedAttentionPress`) of a prompt of this cache's
+/// dtype and head_dim, into `scores[num_scores]` (`[batch * kv_heads][q_len - window]` f32, store
+/// memory), ready for `headwise_cache_compress_into_scored` (with `pool_kernel` 1, as kvpress).
+/// `mean[num_mean]` is `[batch * kv_heads][group_size][head_dim]` f32, the expected query of
+/// each query head (kvpress's RoPE-averaged statistics); `cov[num_cov]` the covariance,
+/// `[batch * kv_heads][group_size][head_dim][head_dim]` f32, or NULL for none. The prompt's
+/// `queries` are not read. `opts` NULL means the defaults. Uses the cache's scratch memory; the
+/// cache's contents are not touched.
+///
+/// # Safety
+/// `cache`, `prompt`, `opts` NULL or valid; the prompt's `k`/`v`, `mean`, `cov` and `scores`
+/// NULL or store memory of the sizes stated, inputs written before this call in the stream's
+/// order.
+#[unsafe(no_mangle)]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn headwise_cache_expected_attention_scores(
+    cache: *mut HeadwiseCache,
+    prompt: *const HeadwisePrompt,
+    mean: *const f32,
+    num_mean: usize,
+    cov: *const f32,
+    num_cov: usize,
+    window: u32,
+    opts: *const HeadwiseExpectedAttentionOptions,
+    scores: *mut f32,
+    num_scores: usize,
+) -> c_int {
+    boundary(|| {
+        // SAFETY (this block): the caller's promise on every pointer.
+        let cache = unsafe { handle_mut(cache, "cache") }?;
+        let prompt = unsafe { input_struct(prompt, "prompt") }?;
+        let opts = if opts.is_null() {
+            crate::scores::ExpectedAttention::default()
+        } else {
+            let o = unsafe { input_struct(opts, "opts") }?;
+            crate::scores::ExpectedAttention {
+                sink: o.sink as usize,
+                use_vnorm: o.use_vnorm != 0,
+                epsilon: o.epsilon,
+            }
+        };
+        let cov = (!cov.is_null()).then_some((cov, num_cov));
+        with_cache!(&mut cache.inner, c, ws => expected_attention_typed(
+            c,
+            &mut ws.scores,
+            prompt,
+            (mean, num_mean),
+            cov,
+            window as usize,
+            &opts,
+            (scores, num_scores),
+        ))
+    })
+}

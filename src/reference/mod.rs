@@ -232,3 +232,61 @@ pub fn adakv_budgets(scores: &[Vec<f64>], window: usize, base: usize, floor_alph
         })
         .collect()
 }
+
+/// Expected Attention scores (kvpress `ExpectedAttentionPress`) of one segment: `k`, `v` its
+/// prompt rows (`[q][head_dim]`), `mean` `[G][head_dim]` and `cov` `[G][head_dim][head_dim]`
+/// (or empty: no covariance term) of its group's query heads. Per head: `mu . k / sqrt(d) +
+/// k^T cov k / (2 d)` over keys `sink..q`, softmax over them, mean over the group, `(a + eps) *
+/// ||v||` when `use_vnorm`; the `sink` first tokens score `+inf`. Returns the `q - window`
+/// prefix scores, in f64.
+#[allow(clippy::too_many_arguments)]
+pub fn expected_attention_scores<T: crate::KvElem>(
+    k: &[T],
+    v: &[T],
+    mean: &[f32],
+    cov: &[f32],
+    head_dim: usize,
+    window: usize,
+    sink: usize,
+    epsilon: f32,
+    use_vnorm: bool,
+) -> Vec<f64> {
+    let d = head_dim;
+    let q = k.len() / d;
+    let g = mean.len() / d;
+    let f = |x: T| f64::from(x.to_f32());
+    let mut avg = vec![0.0f64; q];
+    for h in 0..g {
+        let mu = &mean[h * d..(h + 1) * d];
+        let logit = |t: usize| -> f64 {
+            let kt: Vec<f64> = k[t * d..(t + 1) * d].iter().map(|&x| f(x)).collect();
+            let dot: f64 = mu.iter().zip(&kt).map(|(&m, &x)| f64::from(m) * x).sum();
+            let quad: f64 = if cov.is_empty() {
+                0.0
+            } else {
+                let c = &cov[h * d * d..(h + 1) * d * d];
+                (0..d).map(|i| kt[i] * (0..d).map(|j| f64::from(c[i * d + j]) * kt[j]).sum::<f64>()).sum()
+            };
+            dot / (d as f64).sqrt() + quad / (2.0 * d as f64)
+        };
+        let l: Vec<f64> = (0..q).map(|t| if t < sink { f64::NEG_INFINITY } else { logit(t) }).collect();
+        let m = l[sink..].iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let total: f64 = l[sink..].iter().map(|&x| (x - m).exp()).sum();
+        for t in sink..q {
+            avg[t] += (l[t] - m).exp() / total / g as f64;
+        }
+    }
+    (0..q - window)
+        .map(|t| {
+            if t < sink {
+                return f64::INFINITY;
+            }
+            if use_vnorm {
+                let vn = v[t * d..(t + 1) * d].iter().map(|&x| f(x).powi(2)).sum::<f64>().sqrt();
+                (avg[t] + f64::from(epsilon)) * vn
+            } else {
+                avg[t]
+            }
+        })
+        .collect()
+}
