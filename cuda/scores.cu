@@ -57,6 +57,8 @@ __device__ void scores_ea_logits_body(const HwScoreParams& p) {
                 // Row i of cov times k, in a fixed order.
                 const float* row = p.cov + (head * D + i) * D;
                 float y = 0.0f;
+                // Bounded unroll: fully unrolled, d64 held the whole row in 126 registers.
+#pragma unroll 8
                 for (int j = 0; j < D; ++j) y = fmaf(ld_global(row + j), ld_shared(&k_s[warp][j]), y);
                 quad = fmaf(ki, y, quad);
             }

@@ -316,8 +316,8 @@ fn compress_layer<S: Store>(
             &mut ScoreWorkspace::new(),
         )?;
         let mut layout = LayoutBuilder::new(size.batch, KV_HEADS).headroom(size.steps as u32);
-        for s in 0..n {
-            layout = layout.full(s / KV_HEADS, s % KV_HEADS, (per_row[s] as usize).min(size.prompt) as u32);
+        for (s, &budget) in per_row.iter().enumerate().take(n) {
+            layout = layout.full(s / KV_HEADS, s % KV_HEADS, (budget as usize).min(size.prompt) as u32);
         }
         let mut cache = LayerCache::new(store, layout.build()?, HEAD_DIM)?;
         compress_into_scored(&mut cache, &prompt, &scores, budgets, &opts, &mut ws)?;

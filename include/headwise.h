@@ -336,6 +336,26 @@ typedef struct HeadwisePrompt {
     size_t q_len;
 } HeadwisePrompt;
 
+/**
+ * Options of `headwise_cache_expected_attention_scores` (kvpress `ExpectedAttentionPress`).
+ * Start from `headwise_expected_attention_options_default`.
+ */
+typedef struct HeadwiseExpectedAttentionOptions {
+    /**
+     * Tokens at the start of each sequence left out of the softmax and always kept (default 4;
+     * below `q_len`).
+     */
+    uint32_t sink;
+    /**
+     * Nonzero: multiply by `||v||` after adding `epsilon` (default 1).
+     */
+    int32_t use_vnorm;
+    /**
+     * Added before the value-norm rescaling (default 0.02).
+     */
+    float epsilon;
+} HeadwiseExpectedAttentionOptions;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -929,6 +949,40 @@ int headwise_cache_compress_into_scored(struct HeadwiseCache *cache,
                                         size_t num_scores,
                                         const uint32_t *budgets,
                                         size_t num_budgets);
+
+/**
+ * Writes kvpress's defaults (sink 4, value norm on, epsilon 0.02) to `*out`.
+ *
+ * # Safety
+ * `out` must be NULL or writable.
+ */
+int headwise_expected_attention_options_default(struct HeadwiseExpectedAttentionOptions *out);
+
+/**
+ * Expected Attention scores (kvpress `ExpectedAttentionPress`) of a prompt of this cache's
+ * dtype and head_dim, into `scores[num_scores]` (`[batch * kv_heads][q_len - window]` f32, store
+ * memory), ready for `headwise_cache_compress_into_scored` (with `pool_kernel` 1, as kvpress).
+ * `mean[num_mean]` is `[batch * kv_heads][group_size][head_dim]` f32, the expected query of
+ * each query head (kvpress's RoPE-averaged statistics); `cov[num_cov]` the covariance,
+ * `[batch * kv_heads][group_size][head_dim][head_dim]` f32, or NULL for none. The prompt's
+ * `queries` are not read. `opts` NULL means the defaults. Uses the cache's scratch memory; the
+ * cache's contents are not touched.
+ *
+ * # Safety
+ * `cache`, `prompt`, `opts` NULL or valid; the prompt's `k`/`v`, `mean`, `cov` and `scores`
+ * NULL or store memory of the sizes stated, inputs written before this call in the stream's
+ * order.
+ */
+int headwise_cache_expected_attention_scores(struct HeadwiseCache *cache,
+                                             const struct HeadwisePrompt *prompt,
+                                             const float *mean,
+                                             size_t num_mean,
+                                             const float *cov,
+                                             size_t num_cov,
+                                             uint32_t window,
+                                             const struct HeadwiseExpectedAttentionOptions *opts,
+                                             float *scores,
+                                             size_t num_scores);
 
 /**
  * Whether this library carries GPU kernels (built with nvcc): writes 1 or 0 to `*out`. Without

@@ -53,7 +53,9 @@ fn build_and_run(name: &str, link: &[String]) {
         .arg("-o")
         .arg(&exe));
     assert!(compiled.status.success(), "{cc} failed to build tests/c/capi_test.c ({name})");
-    let ran = run(&mut Command::new(&exe));
+    // Without cargo's LD_LIBRARY_PATH: it lists target/debug before deps/, and the libheadwise.so
+    // cargo last copied there may come from a build without `capi`; the rpath names deps/.
+    let ran = run(Command::new(&exe).env_remove("LD_LIBRARY_PATH"));
     assert!(ran.status.success(), "tests/c/capi_test.c failed ({name}: {})", ran.status);
     let stdout = String::from_utf8_lossy(&ran.stdout);
     assert!(stdout.contains(", 0 failed"), "{name}: no pass line");

@@ -2434,9 +2434,6 @@ fn sel_dest(c: &mut SelCase, fault: Option<&DestFault>, x: u32) -> (LayerLayout,
     (layout, d, expect)
 }
 
-/// The scores primitive: a valid prompt and destination, given scores of the right length or
-/// not, with either computed score in the options (ignored): the Rust outcome of the same call
-/// with SnapKV scoring is the expectation, except that the scores' length is checked too.
 /// Expected Attention scores: shapes, lengths of every buffer, window, sink and epsilon out of
 /// range, one fault at a time or none; a valid call launches and the two kernels run.
 fn scores_expected_attention(b: &mut Battery) {
@@ -2534,6 +2531,9 @@ fn scores_expected_attention(b: &mut Battery) {
     );
 }
 
+/// The scores primitive: a valid prompt and destination, given scores of the right length or
+/// not, with either computed score in the options (ignored): the Rust outcome of the same call
+/// with SnapKV scoring is the expectation, except that the scores' length is checked too.
 fn select_compress_into_scored(b: &mut Battery) {
     b.run(
         "select::compress_into_scored",
@@ -3754,6 +3754,24 @@ mod c {
                         y % 9,
                         budgets.as_ptr(),
                         x % 5,
+                    )
+                };
+                (invalid("cache"), code)
+            }),
+            ("cache_expected_attention_scores", |x, y, _, _, _| {
+                let (mean, out) = ([0.5f32; 8], [0.0f32; 8]);
+                let code = unsafe {
+                    headwise_cache_expected_attention_scores(
+                        null_mut(),
+                        null(),
+                        mean.as_ptr(),
+                        x % 9,
+                        null(),
+                        0,
+                        (y % 5) as u32,
+                        null(),
+                        out.as_ptr().cast_mut(),
+                        y % 9,
                     )
                 };
                 (invalid("cache"), code)

@@ -588,6 +588,40 @@ static float reference_attention(const uint16_t *k, const uint16_t *v, size_t fi
     return m + logf(sum);
 }
 
+/* Expected Attention of one KV head h of the prompt (kvpress's definition, SPEC of scores.cu):
+ * per query head g, mu . k / sqrt(D) + k^T cov k / (2 D) over the keys t >= sink, softmax, the
+ * group mean, (a + eps) * ||v||; sinks +inf. out[Q_LEN - WIN]. cov may be NULL. */
+static void reference_expected_attention(const uint16_t *pk, const uint16_t *pv, int h, const float *mean,
+                                         const float *cov, uint32_t sink, float eps, float *out) {
+    double a[Q_LEN] = {0};
+    for (int g = 0; g < G; g++) {
+        const float *mu = mean + ((size_t)h * G + g) * D;
+        double logit[Q_LEN], m = -INFINITY, sum = 0;
+        for (int t = (int)sink; t < Q_LEN; t++) {
+            const uint16_t *kt = pk + ((size_t)h * Q_LEN + t) * D;
+            double dot = 0, quad = 0;
+            for (int i = 0; i < D; i++) {
+                dot += (double)mu[i] * float_of(kt[i]);
+                if (cov) {
+                    double y = 0;
+                    for (int j = 0; j < D; j++) y += (double)cov[(((size_t)h * G + g) * D + i) * D + j] * float_of(kt[j]);
+                    quad += float_of(kt[i]) * y;
+                }
+            }
+            logit[t] = dot / sqrt((double)D) + quad / (2.0 * D);
+            if (logit[t] > m) m = logit[t];
+        }
+        for (int t = (int)sink; t < Q_LEN; t++) sum += exp(logit[t] - m);
+        for (int t = (int)sink; t < Q_LEN; t++) a[t] += exp(logit[t] - m) / sum / G;
+    }
+    for (int t = 0; t < Q_LEN - WIN; t++) {
+        const uint16_t *vt = pv + ((size_t)h * Q_LEN + t) * D;
+        double vv = 0;
+        for (int i = 0; i < D; i++) vv += (double)float_of(vt[i]) * float_of(vt[i]);
+        out[t] = t < (int)sink ? INFINITY : (float)((a[t] + eps) * sqrt(vv));
+    }
+}
+
 static void test_emulator(void) {
     HeadwiseStore *store = SENTINEL;
     INVALID(headwise_emulator_create(NULL), "out");
@@ -752,6 +786,50 @@ static void test_emulator(void) {
     OK(headwise_cache_compress_into(knorm, &no_queries, &by_norm, budgets, KV));
     s = segments_of(knorm);
     CHECK(s.len[0] == budgets[0] && s.len[1] == budgets[1]);
+
+    /* Expected Attention scores (random mean, a small diagonal-plus-noise covariance) vs the C
+     * reference above, then selection on them keeps each head's sinks. */
+    enum { N = Q_LEN - WIN };
+    float *mean = malloc(sizeof(float) * HEADS * D), *cov = malloc(sizeof(float) * HEADS * D * D);
+    for (int i = 0; i < HEADS * D; i++) mean[i] = 4.0f * uniform();
+    for (int i = 0; i < HEADS * D * D; i++) cov[i] = (i / D) % D == i % D ? 1.0f + uniform() : 0.05f * uniform();
+    HeadwiseExpectedAttentionOptions ea;
+    OK(headwise_expected_attention_options_default(&ea));
+    CHECK(ea.sink == 4 && ea.use_vnorm == 1 && ea.epsilon == 0.02f);
+    float ea_scores[KV * N], want[N];
+    INVALID(headwise_cache_expected_attention_scores(scored, &no_queries, mean, HEADS * D, cov, 5, WIN, &ea, ea_scores,
+                                                     KV * N),
+            "cov");
+    INVALID(headwise_cache_expected_attention_scores(scored, &no_queries, mean, HEADS * D, NULL, 0, WIN, &ea, ea_scores,
+                                                     KV * N - 1),
+            "scores");
+    for (int with_cov = 0; with_cov < 2; with_cov++) {
+        OK(headwise_cache_expected_attention_scores(scored, &no_queries, mean, HEADS * D, with_cov ? cov : NULL,
+                                                    with_cov ? (size_t)HEADS * D * D : 0, WIN, &ea, ea_scores, KV * N));
+        OK(headwise_store_synchronize(store));
+        for (int h = 0; h < KV; h++) {
+            reference_expected_attention(pk, pv, h, mean, with_cov ? cov : NULL, ea.sink, ea.epsilon, want);
+            for (int t = 0; t < N; t++) {
+                float got = ea_scores[h * N + t];
+                if (t < (int)ea.sink)
+                    CHECK(isinf(got) && got > 0);
+                else
+                    CHECK(fabsf(got - want[t]) <= 1e-4f * fabsf(want[t]));
+            }
+        }
+    }
+    HeadwiseCache *by_ea = NULL;
+    uint16_t *k6 = bf16_array(total_rows * D, 0), *v6 = bf16_array(total_rows * D, 0);
+    OK(headwise_cache_create(store, layout, HEADWISE_DTYPE_BF16, D, k6, v6, &by_ea));
+    OK(headwise_cache_compress_into_scored(by_ea, &no_queries, &unpooled, ea_scores, KV * N, budgets, KV));
+    s = segments_of(by_ea);
+    for (int h = 0; h < KV; h++) {
+        CHECK(s.len[h] == budgets[h]);
+        for (uint32_t i = 0; i < ea.sink; i++) CHECK(source_of(k6, s.offset[h] + i, pk, h) == (int)i);
+    }
+    OK(headwise_cache_free(by_ea));
+    free(k6), free(v6), free(mean), free(cov);
+
     OK(headwise_cache_free(scored));
     OK(headwise_cache_free(knorm));
     free(k4), free(v4), free(k5), free(v5);

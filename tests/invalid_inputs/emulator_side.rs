@@ -166,6 +166,7 @@ pub(super) fn emulator_side(b: &mut Battery) {
     cache_attention(b);
     cache_relayout_into(b);
     cache_compress_into(b);
+    cache_expected_attention_scores(b);
     query_ring(b);
     cache_evict(b);
 }
@@ -406,6 +407,116 @@ fn cache_compress_into(b: &mut Battery) {
             // SAFETY: the prompt's memory holds the sizes it states (+16 bytes); live cache.
             p.c_call(expect, || unsafe {
                 headwise_cache_compress_into(pair.cache, &prompt, &opts, budgets.as_ptr(), budgets.len())
+            })?;
+            Ok(())
+        },
+    );
+}
+
+fn cache_expected_attention_scores(b: &mut Battery) {
+    use headwise::scores::{ExpectedAttention, ScoreWorkspace, expected_attention};
+    b.run(
+        "C headwise_cache_expected_attention_scores (emulator)",
+        200,
+        (
+            (
+                1usize..3,
+                1usize..3,
+                prop_oneof![4 => 1usize..5, 1 => Just(0usize)],
+                // Mostly in range (window 1..4 below q, sinks below the prefix), so valid calls
+                // are drawn often too.
+                prop_oneof![3 => 6usize..24, 1 => 1usize..6],
+                prop_oneof![3 => 1usize..4, 1 => 0usize..26],
+                prop_oneof![3 => 0usize..3, 1 => 0usize..26],
+            ),
+            (prop_oneof![4 => Just(0usize), 1 => 0usize..3], pfault(), pfault(), pfault()),
+            (pfault(), pfault(), prop_oneof![3 => Just(false), 1 => Just(true)]),
+        ),
+        |p, ((batch, kv_heads, group, q, window, sink), (delta, kf, vf, mf), (cf, sf, vnorm_off))| {
+            let pair = Pair::new();
+            let segments = batch * kv_heads;
+            let kv = segments * q * D;
+            let mean = segments * group * D;
+            // One length off now and then (the C caller's count disagrees with the shape).
+            let cov = segments * group * D * D + delta;
+            let n = q.saturating_sub(window);
+            let out = segments * n;
+            let opts = ExpectedAttention { sink, use_vnorm: !vnorm_off, ..ExpectedAttention::default() };
+            let (k, v) = (HostMem::new(kv * 2), HostMem::new(kv * 2));
+            let (m, c, o) = (HostMem::new(mean * 4), HostMem::new(cov * 4), HostMem::new(out * 4));
+            // A NULL covariance is no fault: it means none.
+            let with_cov = cf != 1;
+            let rust = {
+                let s = EmuStore;
+                let (rk, rv, none) = (
+                    EmuBuf::<bf16>::zeros(kv).unwrap(),
+                    EmuBuf::<bf16>::zeros(kv).unwrap(),
+                    EmuBuf::<bf16>::zeros(0).unwrap(),
+                );
+                let prompt = Prompt {
+                    k: &rk,
+                    v: &rv,
+                    queries: &none,
+                    batch,
+                    kv_heads,
+                    group_size: group,
+                    q_len: q,
+                    head_dim: D,
+                };
+                let (rm, rc) = (EmuBuf::<f32>::zeros(mean).unwrap(), EmuBuf::<f32>::zeros(cov).unwrap());
+                let mut ro = EmuBuf::<f32>::zeros(out).unwrap();
+                expect_of(expected_attention(
+                    &s,
+                    &prompt,
+                    &rm,
+                    with_cov.then_some(&rc),
+                    window,
+                    &opts,
+                    &mut ro,
+                    &mut ScoreWorkspace::new(),
+                ))
+            };
+            // f32 buffers are only checked for alignment when they hold elements (a buffer of
+            // none is never read); the prompt's rows always are (16 bytes, for the kernels).
+            let f32_buf = |f: u8, n: usize, field| (if n == 0 { 0 } else { f }, n, field);
+            let mut faults = faulted(&[
+                (kf, kv, "prompt.k"),
+                (vf, kv, "prompt.v"),
+                f32_buf(mf, mean, "mean"),
+                f32_buf(sf, out, "scores"),
+            ]);
+            if with_cov {
+                faults.extend(faulted(&[f32_buf(cf, cov, "cov")]));
+            }
+            let expect = with_fault(rust, faults);
+            let prompt = HeadwisePrompt {
+                k: fault_ptr(k.ptr(), kf),
+                v: fault_ptr(v.ptr(), vf),
+                queries: null_mut(),
+                batch,
+                kv_heads,
+                group_size: group,
+                q_len: q,
+            };
+            let c_opts = HeadwiseExpectedAttentionOptions {
+                sink: sink as u32,
+                use_vnorm: i32::from(!vnorm_off),
+                epsilon: opts.epsilon,
+            };
+            // SAFETY: every buffer holds the count passed (+16 bytes); live cache.
+            p.c_call(expect, || unsafe {
+                headwise_cache_expected_attention_scores(
+                    pair.cache,
+                    &prompt,
+                    fault_ptr(m.ptr(), mf).cast(),
+                    mean,
+                    fault_ptr(c.ptr(), cf).cast(),
+                    cov,
+                    window as u32,
+                    &c_opts,
+                    fault_ptr(o.ptr(), sf).cast(),
+                    out,
+                )
             })?;
             Ok(())
         },
