@@ -73,6 +73,7 @@ fn bench(c: &mut Criterion) {
             group_size: GROUP,
             q_len: q,
             head_dim: HEAD_DIM,
+            packing: Default::default(),
         };
         for budget in support::sizes(&[64u32, 256, 1024, 2048], &[1024]) {
             let pyramid_l0 = pyramid(budget, WINDOW, LAYERS, q as u32, 20).unwrap()[0];
@@ -161,6 +162,7 @@ fn emu_traffic() {
         group_size: GROUP,
         q_len: q,
         head_dim: HEAD_DIM,
+        packing: Default::default(),
     };
     let opts = SelectOptions { window: WINDOW as usize, pool_kernel: 7, ..SelectOptions::default() };
     let budget = 128u32;

@@ -97,26 +97,44 @@ typedef struct HwAttentionParams {
  * the five kernels of cuda/select.cu (stats, stats_merge, score, pool, adakv, select, gather),
  * each reading the fields it needs.
  *
- * Source segment s (= sequence * kv_heads + kv_head) has the prompt's q_len tokens at rows
- * s * q_len .. of k/v ([num_segments][q_len][head_dim], KV dtype); its G query heads' last
- * `window` queries are rows (s * G + g) * window + i of queries ([num_segments][G][window]
- * [head_dim]). Window query i (position n + i, n = q_len - window) sees every prefix key and
- * window keys 0..=i. Logits are scale * q.k, kept in base 2 (scale_log2 = scale * log2(e)).
+ * Source segment s (= sequence * kv_heads + kv_head) has its sequence's len tokens (`prompt`,
+ * HwPromptShape: rows of k/v and of the G query heads' window queries per cuda/prompt.cuh).
+ * Window query i (position n + i, n = len - window) sees every prefix key and window keys
+ * 0..=i. Logits are scale * q.k, kept in base 2 (scale_log2 = scale * log2(e)).
  *
  * Score rows: one per source segment (per_query_head = 0: the group reduced by gqa_mode), or
- * one per query head (per_query_head = 1, row s * G + g). Row r has n prefix scores.
+ * one per query head (per_query_head = 1, row s * G + g). Row r has its sequence's n prefix
+ * scores; "[rows][n]" and "[rows][len]" below are rows of those lengths back to back (RowSpan
+ * in prompt.cuh; with one length, row r starts at r * n and r * q_len).
  *   stats:         [num_segments][splits][G * window][2] f32: per-split (max, sum of exp2)
  *   final_stats:   [num_segments][G * window][2] f32: merged over splits
  *   scores:        [rows][n] f32, the reduced per-token score before pooling
  *   keys:          [rows][n] u32, pooled scores as order-preserving keys (NaN lowest)
  *   budgets:       [rows] i32 tokens to keep, window included (>= window); AdaKV writes them
- *   kept:          [rows][q_len] i32 kept positions, ascending, min(budget, q_len) of them
+ *   kept:          [rows][len] i32 kept positions, ascending, min(budget, len) of them
  * The destination table `seg` has `rows` Full segments whose len the host has set to
- * min(budget, q_len); gather copies the kept rows there. */
+ * min(budget, len); gather copies the kept rows there. */
 #define HW_POOL_MAX 0
 #define HW_POOL_AVG 1
 #define HW_GQA_MEAN 0
 #define HW_GQA_MAX 1
+/* A prompt's shape (cuda/prompt.cuh). Sequence b has cu_seqlens[b + 1] - cu_seqlens[b] tokens
+ * (int32, device memory, batch + 1 entries, the first 0), or q_len each when cu_seqlens is NULL
+ * (then q_len is every length, else the longest). Every length is at least `window`.
+ * Head-major (token_major 0): K/V rows [batch][kv_heads][len] (a sequence's block of kv_heads x
+ * its len rows), queries the window's [batch][kv_heads * group_size][window].
+ * Token-major (1), packed: K/V rows [total tokens][kv_heads], queries [total tokens][kv_heads *
+ * group_size] (every token's; the last `window` of each sequence are read). */
+typedef struct HwPromptShape {
+    const int32_t* cu_seqlens;
+    int32_t batch;
+    int32_t kv_heads;
+    int32_t group_size;
+    int32_t q_len;
+    int32_t window;
+    int32_t token_major;
+} HwPromptShape;
+
 typedef struct HwSelectParams {
     const void* k;
     const void* v;
@@ -130,11 +148,9 @@ typedef struct HwSelectParams {
     void* k_cache;
     void* v_cache;
     HwSegmentTable seg;
+    HwPromptShape prompt;
     int32_t num_segments;
-    int32_t group_size;
     int32_t head_dim;
-    int32_t q_len;
-    int32_t window;
     int32_t pool_kernel;
     int32_t pool_mode;
     int32_t gqa_mode;
@@ -203,14 +219,14 @@ typedef struct HwQueryPushParams {
 } HwQueryPushParams;
 
 /* Expected Attention scores (kvpress ExpectedAttentionPress) of one layer's prompt, for
- * select::compress_into_scored. k/v: [num_segments][q_len][head_dim] (KV dtype), as the prompt
- * of HwSelectParams. mean: [num_segments][G][head_dim] f32, the expected query of each query
- * head; cov: [num_segments][G][head_dim][head_dim] f32 or NULL (no covariance term).
- * Per query head g: logit_t = mean_g . k_t / sqrt(d) + k_t^T cov_g k_t / (2 d) over the q_len
- * keys but the first `sink` (kvpress drops them), softmax over those, mean over the group,
- * then (score + epsilon) * ||v_t|| when use_vnorm; the sinks score +inf (kept first).
- * Output: scores [num_segments][q_len - window] f32 (the prefix). logits: scratch
- * [num_segments][G][q_len] f32. */
+ * select::compress_into_scored. k/v: the prompt's keys and values as HwPromptShape says (KV
+ * dtype). mean: [num_segments][G][head_dim] f32, the expected query of each query head; cov:
+ * [num_segments][G][head_dim][head_dim] f32 or NULL (no covariance term).
+ * Per query head g: logit_t = mean_g . k_t / sqrt(d) + k_t^T cov_g k_t / (2 d) over the
+ * sequence's keys but the first `sink` (kvpress drops them), softmax over those, mean over the
+ * group, then (score + epsilon) * ||v_t|| when use_vnorm; the sinks score +inf (kept first).
+ * Output: scores, one row per segment of its len - window prefix tokens (RowSpan prefix, f32).
+ * logits: scratch, one row per query head of its len tokens (RowSpan all, per_seg G). */
 typedef struct HwScoreParams {
     const void* k;
     const void* v;
@@ -218,11 +234,9 @@ typedef struct HwScoreParams {
     const float* cov;
     float* logits;
     float* scores;
+    HwPromptShape prompt;
     int32_t num_segments;
-    int32_t group_size;
     int32_t head_dim;
-    int32_t q_len;
-    int32_t window;
     int32_t sink;
     float epsilon;
     int32_t use_vnorm;

@@ -2,7 +2,7 @@
 // src/scores.rs). Shapes and buffers: HwScoreParams in params.h.
 //
 // Kernels, in launch order:
-//   ea_logits  grid (segments, ceil(q / 4)), 128 threads, one warp per key: for each of the
+//   ea_logits  grid (segments, ceil(longest / 4)), 128 threads, one warp per key: for each of the
 //              group's query heads, mean . k / sqrt(d) + k^T cov k / (2 d) (lanes over d; k
 //              staged in shared memory for the covariance's matrix-vector product), into the
 //              logits scratch. K read once.
@@ -14,6 +14,7 @@
 #include "compat.cuh"
 #include "dtype.cuh"
 #include "params.h"
+#include "prompt.cuh"
 #include "vec.cuh"
 
 namespace hw {
@@ -33,11 +34,15 @@ __device__ void scores_ea_logits_body(const HwScoreParams& p) {
     __shared__ float k_s[kScoreWarps][D];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int32_t s = blockIdx.x;
+    const PromptSeg seg = PromptSeg::load(p.prompt, s);
     const int64_t t = int64_t(blockIdx.y) * kScoreWarps + warp;
     // No block barrier below: a warp past the end leaves whole, the others only use their own
     // row of k_s (__syncwarp orders it).
-    if (t >= p.q_len) return;
-    const uint4* k = row_vec(p.k, int64_t(s) * p.q_len + t, D);
+    if (t >= seg.len) return;
+    const uint4* k = row_vec(p.k, seg.key_row(p.prompt, int32_t(t)), D);
+    const int32_t G = p.prompt.group_size;
+    // The segment's G logit rows, back to back, len apart.
+    const int64_t l0 = RowSpan::load(p.prompt, int64_t(s) * G, G).all;
     for (int i = lane; i < VPR; i += 32) {
         float x[8];
         unpack8<T>(ld_global(k + i), x);
@@ -46,8 +51,8 @@ __device__ void scores_ea_logits_body(const HwScoreParams& p) {
     }
     __syncwarp();
     const float inv_sqrt_d = rsqrtf(float(D));
-    for (int g = 0; g < p.group_size; ++g) {
-        const int64_t head = int64_t(s) * p.group_size + g;
+    for (int g = 0; g < G; ++g) {
+        const int64_t head = int64_t(s) * G + g;
         const float* mu = p.mean + head * D;
         float dot = 0.0f, quad = 0.0f;
         for (int i = lane; i < D; i += 32) {
@@ -65,7 +70,7 @@ __device__ void scores_ea_logits_body(const HwScoreParams& p) {
         }
         dot = warp_sum(dot);
         quad = warp_sum(quad);
-        if (lane == 0) st_global(p.logits + head * p.q_len + t, dot * inv_sqrt_d + quad / (2.0f * float(D)));
+        if (lane == 0) st_global(p.logits + l0 + int64_t(g) * seg.len + t, dot * inv_sqrt_d + quad / (2.0f * float(D)));
     }
 }
 
@@ -90,9 +95,13 @@ __device__ void scores_ea_finish_body(const HwScoreParams& p) {
     constexpr int VPR = D / kElemsPerVec;
     __shared__ float red[kFinishThreads / 32];
     __shared__ float stat[2 * 16];  // per query head (G <= 16): max, 1 / sum
-    const int32_t s = blockIdx.x, q = p.q_len, n = p.q_len - p.window;
-    for (int g = 0; g < p.group_size; ++g) {
-        const float* l = p.logits + (int64_t(s) * p.group_size + g) * q;
+    const int32_t s = blockIdx.x;
+    const PromptSeg seg = PromptSeg::load(p.prompt, s);
+    const int32_t G = p.prompt.group_size, q = seg.len, n = seg.prefix(p.prompt);
+    const float* l0 = p.logits + RowSpan::load(p.prompt, int64_t(s) * G, G).all;
+    float* out = p.scores + RowSpan::load(p.prompt, s, 1).prefix;
+    for (int g = 0; g < G; ++g) {
+        const float* l = l0 + int64_t(g) * q;
         float m = -INFINITY;
         // The sinks are left out of the softmax (kvpress drops them before scoring).
         for (int32_t t = p.sink + threadIdx.x; t < q; t += kFinishThreads) m = fmaxf(m, ld_global(l + t));
@@ -108,14 +117,16 @@ __device__ void scores_ea_finish_body(const HwScoreParams& p) {
     __syncthreads();
     for (int32_t t = threadIdx.x; t < n; t += kFinishThreads) {
         float a = 0.0f;
-        for (int g = 0; g < p.group_size; ++g) {
-            const float* l = p.logits + (int64_t(s) * p.group_size + g) * q;
+        for (int g = 0; g < G; ++g) {
+            const float* l = l0 + int64_t(g) * q;
             a += expf(ld_global(l + t) - ld_shared(&stat[2 * g])) * ld_shared(&stat[2 * g + 1]);
         }
-        a /= float(p.group_size);
+        a /= float(G);
         if (p.use_vnorm) {
-            const uint4* v = row_vec(p.v, int64_t(s) * q + t, D);
+            const uint4* v = row_vec(p.v, seg.key_row(p.prompt, t), D);
             float vv = 0.0f;
+            // Two vectors in flight: fully unrolled, d128 took 64 registers; by 4, a stack frame.
+#pragma unroll 2
             for (int i = 0; i < VPR; ++i) {
                 float x[8];
                 unpack8<T>(ld_global(v + i), x);
@@ -124,7 +135,7 @@ __device__ void scores_ea_finish_body(const HwScoreParams& p) {
             }
             a = (a + p.epsilon) * sqrtf(vv);
         }
-        st_global(p.scores + int64_t(s) * n + t, t < p.sink ? INFINITY : a);
+        st_global(out + t, t < p.sink ? INFINITY : a);
     }
 }
 

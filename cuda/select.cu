@@ -29,6 +29,7 @@
 #include "compat.cuh"
 #include "dtype.cuh"
 #include "params.h"
+#include "prompt.cuh"
 #include "segment.cuh"
 #include "tile.cuh"
 #include "topk.cuh"
@@ -42,17 +43,22 @@ constexpr int kMaxGroup = 16;
 
 // Stages rows r0 .. r0 + kSlabRows of the segment's window queries (zeros past the last row).
 template <typename T, int D>
-__device__ void load_query_slab(const HwSelectParams& p, int32_t s, int r0, T* q_s) {
-    const int R = p.group_size * p.window;
-    const int64_t first = int64_t(s) * R + r0;
-    stage_rows<D, kSlabRows, kSelThreads>(p.queries, R - r0, [&](int r) { return first + r; }, q_s);
+__device__ void load_query_slab(const HwSelectParams& p, const PromptSeg& g, int r0, T* q_s) {
+    const int R = p.prompt.group_size * p.prompt.window;
+    stage_rows<D, kSlabRows, kSelThreads>(
+        p.queries, R - r0, [&](int r) { return g.query_row(p.prompt, r0 + r); }, q_s);
 }
 
-// Stages the keys t0 .. t_end of segment s (zeros past t_end; their logits are masked).
+// Stages the keys t0 .. t_end of segment g (zeros past t_end; their logits are masked).
 template <typename T, int D>
-__device__ void load_key_tile(const HwSelectParams& p, int32_t s, int32_t t0, int32_t t_end, T* k_s) {
-    const int64_t first = int64_t(s) * p.q_len + t0;
-    stage_rows<D, KeyTile<D>::TOK, kSelThreads>(p.k, t_end - t0, [&](int r) { return first + r; }, k_s);
+__device__ void load_key_tile(const HwSelectParams& p, const PromptSeg& g, int32_t t0, int32_t t_end, T* k_s) {
+    stage_rows<D, KeyTile<D>::TOK, kSelThreads>(
+        p.k, t_end - t0, [&](int r) { return g.key_row(p.prompt, t0 + r); }, k_s);
+}
+
+// Score rows per source segment: the group's query heads, or one.
+__device__ __forceinline__ int32_t rows_per_segment(const HwSelectParams& p) {
+    return p.per_query_head ? p.prompt.group_size : 1;
 }
 
 // Tokens [begin, end) of split `split` over `limit` tokens; false when the split is empty.
@@ -74,10 +80,11 @@ __device__ void select_stats_body(const HwSelectParams& p) {
     __shared__ __align__(32) float logit_s[kSlabRows * TOK];
 
     const int32_t s = blockIdx.x;
+    const PromptSeg g = PromptSeg::load(p.prompt, s);
     int32_t begin, end;
-    if (!split_range(p, p.q_len, begin, end)) return;  // whole block, before any barrier
-    const int W = p.window, R = p.group_size * W;
-    const int32_t n = p.q_len - W;
+    if (!split_range(p, g.len, begin, end)) return;  // whole block, before any barrier
+    const int W = p.prompt.window, R = p.prompt.group_size * W;
+    const int32_t n = g.len - W;
     const bool one_slab = R <= kSlabRows;
     float* st = p.stats + (int64_t(s) * p.splits + blockIdx.y) * R * 2;
     const int row = threadIdx.x / kThreadsPerRow, part = threadIdx.x % kThreadsPerRow;
@@ -89,10 +96,10 @@ __device__ void select_stats_body(const HwSelectParams& p) {
     for (int32_t t0 = begin; t0 < end; t0 += TOK) {
         const int32_t t_end = min(end, t0 + TOK);
         __syncthreads();  // the previous tile's readers of k_s / q_s / logit_s are done
-        load_key_tile<T, D>(p, s, t0, t_end, k_s);
+        load_key_tile<T, D>(p, g, t0, t_end, k_s);
         for (int r0 = 0; r0 < R; r0 += kSlabRows) {
             if (r0 > 0) __syncthreads();
-            if (!one_slab || t0 == begin) load_query_slab<T, D>(p, s, r0, q_s);
+            if (!one_slab || t0 == begin) load_query_slab<T, D>(p, g, r0, q_s);
             __syncthreads();
             slab_logits<T, D, kSelWarps>(q_s, k_s, logit_s);
             __syncthreads();
@@ -126,11 +133,11 @@ __device__ void select_stats_body(const HwSelectParams& p) {
 
 // One thread per (segment, query row): folds the per-split states in split order.
 __device__ void select_stats_merge_body(const HwSelectParams& p) {
-    const int R = p.group_size * p.window;
+    const int R = p.prompt.group_size * p.prompt.window;
     const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
     if (idx >= int64_t(p.num_segments) * R) return;
     const int64_t s = idx / R, rr = idx % R;
-    const int used = int((int64_t(p.q_len) + p.chunk_tokens - 1) / p.chunk_tokens);
+    const int used = int((int64_t(PromptSeg::load(p.prompt, s).len) + p.chunk_tokens - 1) / p.chunk_tokens);
     float m = -INFINITY, l = 0.0f;
     for (int c = 0; c < used; ++c) {
         const float* st = p.stats + ((s * p.splits + c) * R + rr) * 2;
@@ -151,10 +158,13 @@ __device__ void select_score_body(const HwSelectParams& p) {
     __shared__ float l_s[kSlabRows];
 
     const int32_t s = blockIdx.x;
-    const int W = p.window, G = p.group_size, R = G * W;
-    const int32_t n = p.q_len - W;
+    const PromptSeg seg = PromptSeg::load(p.prompt, s);
+    const int W = p.prompt.window, G = p.prompt.group_size, R = G * W;
+    const int32_t n = seg.prefix(p.prompt);
     int32_t begin, end;
     if (!split_range(p, n, begin, end)) return;  // only prefix tokens are scored
+    // The segment's first score row; its G per-query-head rows follow each other, n apart.
+    const int64_t out0 = RowSpan::load(p.prompt, int64_t(s) * rows_per_segment(p), rows_per_segment(p)).prefix;
     const bool one_slab = R <= kSlabRows;
     const int tid = threadIdx.x;
     const float* fs = p.final_stats + int64_t(s) * R * 2;
@@ -162,12 +172,12 @@ __device__ void select_score_body(const HwSelectParams& p) {
     for (int32_t t0 = begin; t0 < end; t0 += TOK) {
         const int32_t t_end = min(end, t0 + TOK);
         __syncthreads();
-        load_key_tile<T, D>(p, s, t0, t_end, k_s);
+        load_key_tile<T, D>(p, seg, t0, t_end, k_s);
         for (int i = tid; i < G * TOK; i += kSelThreads) acc_s[i] = 0.0f;
         for (int r0 = 0; r0 < R; r0 += kSlabRows) {
             if (r0 > 0) __syncthreads();
             if (!one_slab || t0 == begin) {
-                load_query_slab<T, D>(p, s, r0, q_s);
+                load_query_slab<T, D>(p, seg, r0, q_s);
                 if (tid < kSlabRows) {
                     const bool live = r0 + tid < R;
                     m_s[tid] = live ? fs[2 * (r0 + tid)] : 0.0f;
@@ -192,58 +202,56 @@ __device__ void select_score_body(const HwSelectParams& p) {
             const int32_t t = t0 + tid;
             if (p.per_query_head) {
                 for (int g = 0; g < G; ++g)
-                    st_global(&p.scores[(int64_t(s) * G + g) * n + t], ld_shared(&acc_s[g * TOK + tid]) / float(W));
+                    st_global(&p.scores[out0 + int64_t(g) * n + t], ld_shared(&acc_s[g * TOK + tid]) / float(W));
             } else {
                 float red = p.gqa_mode == HW_GQA_MAX ? -INFINITY : 0.0f;
                 for (int g = 0; g < G; ++g) {
                     const float v = ld_shared(&acc_s[g * TOK + tid]) / float(W);
                     red = p.gqa_mode == HW_GQA_MAX ? fmaxf(red, v) : red + v;
                 }
-                st_global(&p.scores[int64_t(s) * n + t], p.gqa_mode == HW_GQA_MAX ? red : red / float(G));
+                st_global(&p.scores[out0 + t], p.gqa_mode == HW_GQA_MAX ? red : red / float(G));
             }
         }
     }
 }
 
-__device__ __forceinline__ int64_t score_rows(const HwSelectParams& p) {
-    return int64_t(p.num_segments) * (p.per_query_head ? p.group_size : 1);
-}
-
 // Pooling along tokens, stride 1, padding k/2: max ignores the padding (and NaN, as fmaxf
-// does); avg counts the zero padding, so it always divides by k.
+// does); avg counts the zero padding, so it always divides by k. Block x = score row, blocks
+// y stride over its tokens.
 __device__ void select_pool_body(const HwSelectParams& p) {
-    const int32_t n = p.q_len - p.window;
-    const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (idx >= score_rows(p) * n) return;
-    const int64_t row = idx / n;
-    const int32_t t = int32_t(idx % n), r = p.pool_kernel / 2;
-    const float* sc = p.scores + row * n;
-    const int32_t lo = max(0, t - r), hi = int32_t(min(int64_t(n) - 1, int64_t(t) + r));
-    float v;
-    if (p.pool_mode == HW_POOL_MAX) {
-        v = -INFINITY;
-        for (int32_t j = lo; j <= hi; ++j) v = fmaxf(v, ld_global(sc + j));
-    } else {
-        v = 0.0f;
-        for (int32_t j = lo; j <= hi; ++j) v += ld_global(sc + j);
-        v /= float(p.pool_kernel);
+    const RowSpan row = RowSpan::load(p.prompt, blockIdx.x, rows_per_segment(p));
+    const int32_t n = row.n, r = p.pool_kernel / 2;
+    const float* sc = p.scores + row.prefix;
+    for (int64_t i = int64_t(blockIdx.y) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.y) * blockDim.x) {
+        const int32_t t = int32_t(i);
+        const int32_t lo = max(0, t - r), hi = int32_t(min(int64_t(n) - 1, int64_t(t) + r));
+        float v;
+        if (p.pool_mode == HW_POOL_MAX) {
+            v = -INFINITY;
+            for (int32_t j = lo; j <= hi; ++j) v = fmaxf(v, ld_global(sc + j));
+        } else {
+            v = 0.0f;
+            for (int32_t j = lo; j <= hi; ++j) v += ld_global(sc + j);
+            v /= float(p.pool_kernel);
+        }
+        st_global(&p.keys[row.prefix + t], order_key(v));
     }
-    st_global(&p.keys[idx], order_key(v));
 }
 
 // One block per score row: keep min(budget, q) positions, ascending.
 __device__ void select_topk_body(const HwSelectParams& p) {
     const int64_t row = blockIdx.x;
-    const int32_t q = p.q_len, W = p.window, n = q - W;
+    const RowSpan span = RowSpan::load(p.prompt, row, rows_per_segment(p));
+    const int32_t q = span.len, W = p.prompt.window, n = span.n;
     const int32_t budget = p.budgets[row];
-    int32_t* out = p.kept + row * q;
+    int32_t* out = p.kept + span.all;
     if (budget >= q) {  // keep everything (uniform across the block: no barrier is skipped)
         for (int32_t t = threadIdx.x; t < q; t += kTopThreads) out[t] = t;
         return;
     }
     const int32_t k = budget - W;  // 0 <= k < n: the host and the adakv kernel guarantee W <= budget
     if (k > 0) {
-        const uint32_t* keys = p.keys + row * n;
+        const uint32_t* keys = p.keys + span.prefix;
         write_selected(keys, n, radix_threshold(keys, n, k), out);
     }
     for (int32_t i = threadIdx.x; i < W; i += kTopThreads) out[k + i] = n + i;
@@ -254,9 +262,12 @@ __device__ void select_topk_body(const HwSelectParams& p) {
 // row h, budget_h = rint(c_h * (1 - alpha) + floor(alpha * Bp)) + W in f32 (rint rounds half to
 // even, as torch.round), capped at the row's n prefix tokens.
 __device__ void select_adakv_body(const HwSelectParams& p) {
-    const int32_t H = p.rows_per_sequence, W = p.window, n = p.q_len - W;
+    const int32_t H = p.rows_per_sequence, W = p.prompt.window;
     const int64_t first = int64_t(blockIdx.x) * H;
-    const uint32_t* keys = p.keys + first * n;
+    // The sequence's rows are back to back, n apart.
+    const RowSpan span = RowSpan::load(p.prompt, first, rows_per_segment(p));
+    const int32_t n = span.n;
+    const uint32_t* keys = p.keys + span.prefix;
     const int64_t N = int64_t(H) * n;
     const int64_t total = min(int64_t(H) * p.adakv_prefix_budget, N);
     Threshold th{0xffffffffu, 0};
@@ -286,43 +297,43 @@ __device__ void select_adakv_body(const HwSelectParams& p) {
 // KNorm (kvpress's KnormPress): a prefix token's score is -||k||, the f32 norm of its key row
 // in the score row's source segment (s, or s / G for per-query-head rows); no queries are read.
 // One warp per token, lanes over 16-byte vectors, so a warp reads its row coalesced.
+// Block x = score row, warps of the blocks y stride over its tokens.
 template <typename T, int D>
 __device__ void select_knorm_body(const HwSelectParams& p) {
     constexpr int VPR = D / kElemsPerVec;
-    const int32_t n = p.q_len - p.window;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int64_t idx = int64_t(blockIdx.x) * kSelWarps + warp;
-    // A whole warp leaves together, so the shuffles below see all 32 lanes.
-    if (idx >= score_rows(p) * n) return;
-    const int64_t row = idx / n;
-    const int32_t t = int32_t(idx % n);
-    const int64_t src = p.per_query_head ? row / p.group_size : row;
-    const uint4* k = row_vec(p.k, src * p.q_len + t, D);
-    float acc = 0.0f;
-    for (int i = lane; i < VPR; i += 32) {
-        float x[8];
-        unpack8<T>(ld_global(k + i), x);
+    const RowSpan row = RowSpan::load(p.prompt, blockIdx.x, rows_per_segment(p));
+    const PromptSeg src = PromptSeg::load(p.prompt, row.seg);
+    // The loop bound is the same for a warp's 32 lanes, so the shuffles see all of them.
+    for (int64_t t = int64_t(blockIdx.y) * kSelWarps + warp; t < row.n; t += int64_t(gridDim.y) * kSelWarps) {
+        const uint4* k = row_vec(p.k, src.key_row(p.prompt, int32_t(t)), D);
+        float acc = 0.0f;
+        for (int i = lane; i < VPR; i += 32) {
+            float x[8];
+            unpack8<T>(ld_global(k + i), x);
 #pragma unroll
-        for (int j = 0; j < 8; ++j) acc = fmaf(x[j], x[j], acc);
+            for (int j = 0; j < 8; ++j) acc = fmaf(x[j], x[j], acc);
+        }
+        for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+        if (lane == 0) st_global(&p.scores[row.prefix + t], -sqrtf(acc));
     }
-    for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-    if (lane == 0) st_global(&p.scores[idx], -sqrtf(acc));
 }
 
 // Copies kept rows: destination segment s takes prompt rows from source segment s (or s / G
-// for per-query-head rows). One warp per row, 16-byte vectors.
+// for per-query-head rows) of the prompt in either form. One warp per row, 16-byte vectors.
 template <int D>
 __device__ void select_gather_body(const HwSelectParams& p) {
     constexpr int VPR = D / kElemsPerVec;
     const int32_t s = blockIdx.x;
-    const int32_t src = p.per_query_head ? s / p.group_size : s;
+    const RowSpan span = RowSpan::load(p.prompt, s, rows_per_segment(p));
+    const PromptSeg src = PromptSeg::load(p.prompt, span.seg);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const SegmentView seg = SegmentView::load(p.seg, s);
-    const int32_t* kept = p.kept + int64_t(s) * p.q_len;
+    const int32_t* kept = p.kept + span.all;
     // Not unrolled: ptxas's unrolled copy of this loop kept a 16-byte stack frame at head_dim 64.
 #pragma unroll 1
     for (int64_t r = int64_t(blockIdx.y) * kSelWarps + warp; r < seg.len; r += int64_t(gridDim.y) * kSelWarps) {
-        const int64_t from = int64_t(src) * p.q_len + ld_global(kept + r);
+        const int64_t from = src.key_row(p.prompt, ld_global(kept + r));
         const int64_t to = seg.row(int32_t(r));
         for (int i = lane; i < 2 * VPR; i += 32) {
             if (i < VPR) {

@@ -25,7 +25,7 @@ use headwise::policy::heads::{FullHeads, HeadGates, StreamingSize};
 use headwise::redundancy::{QueryRing, RkvOptions, RkvTrigger, RkvWorkspace, evict};
 use headwise::scores::{self, ExpectedAttention, ScoreWorkspace};
 use headwise::select::{
-    Budgets, Prompt, Score, SelectOptions, SelectWorkspace, compress, compress_into_scored,
+    Budgets, Packing, Prompt, Score, SelectOptions, SelectWorkspace, compress, compress_into_scored,
 };
 use headwise::{
     AttentionOptions, AttentionWorkspace, EmuStore, GpuStore, KvElem, LayerCache, LayerLayout, LayoutBuilder,
@@ -262,6 +262,7 @@ fn compress_layer<S: Store>(
         group_size: GROUP,
         q_len: size.prompt,
         head_dim: HEAD_DIM,
+        packing: Packing::HeadMajor,
     };
     let per_row: Vec<u32> = match method {
         Prefill::Snap | Prefill::KNorm | Prefill::ExpectedAttention => {

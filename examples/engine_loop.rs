@@ -25,7 +25,7 @@
 
 use half::bf16;
 use headwise::redundancy::{QueryRing, RkvOptions, RkvTrigger, RkvWorkspace, evict};
-use headwise::select::{Budgets, Prompt, SelectOptions, SelectWorkspace, compress_into};
+use headwise::select::{Budgets, Packing, Prompt, SelectOptions, SelectWorkspace, compress_into};
 use headwise::{
     AttentionOptions, AttentionWorkspace, EmuStore, GpuBuf, GpuStore, LayerCache, LayerLayout, Segment, Store,
 };
@@ -99,6 +99,7 @@ fn decode_loop<S: Store>(
             group_size: GROUP,
             q_len: shape.prompt,
             head_dim: HEAD_DIM,
+            packing: Packing::HeadMajor,
         };
         let budgets = vec![shape.budget as u32; segs];
         let opts = SelectOptions { window, ..SelectOptions::default() };

@@ -306,7 +306,8 @@ typedef struct HeadwiseSelectOptions {
  */
 typedef struct HeadwisePrompt {
     /**
-     * Keys after RoPE, `[batch][kv_heads][q_len][head_dim]`.
+     * Keys after RoPE, `[batch][kv_heads][q_len][head_dim]` (packed: `[total][kv_heads]
+     * [head_dim]`).
      */
     const void *k;
     /**
@@ -315,7 +316,8 @@ typedef struct HeadwisePrompt {
     const void *v;
     /**
      * The last `window` queries of every query head, `[batch][kv_heads * group_size][window]
-     * [head_dim]` (query head `h * group_size + g` belongs to KV head `h`).
+     * [head_dim]` (query head `h * group_size + g` belongs to KV head `h`); packed: every
+     * token's, `[total][kv_heads * group_size][head_dim]`.
      */
     const void *queries;
     /**
@@ -331,9 +333,15 @@ typedef struct HeadwisePrompt {
      */
     size_t group_size;
     /**
-     * Prompt tokens per sequence.
+     * Prompt tokens per sequence (packed: the longest sequence's).
      */
     size_t q_len;
+    /**
+     * NULL: head-major, every sequence `q_len` tokens. Else the packed (token-major, flash-attn
+     * varlen) form: host memory, `batch + 1` offsets, sequence `b` is tokens `cu_seqlens[b] ..
+     * cu_seqlens[b + 1]`, the first 0, each length at least the window, `total` the last.
+     */
+    const uint32_t *cu_seqlens;
 } HeadwisePrompt;
 
 /**

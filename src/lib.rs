@@ -27,6 +27,7 @@ pub mod layout;
 #[rustfmt::skip]
 pub mod params;
 pub mod policy;
+pub mod prompt;
 pub mod redundancy;
 pub mod reference;
 pub mod scores;

@@ -231,6 +231,52 @@ impl Default for HwAttentionParams {
 }
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
+pub struct HwPromptShape {
+    pub cu_seqlens: *const i32,
+    pub batch: i32,
+    pub kv_heads: i32,
+    pub group_size: i32,
+    pub q_len: i32,
+    pub window: i32,
+    pub token_major: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of HwPromptShape"][::core::mem::size_of::<HwPromptShape>() - 32usize];
+    ["Alignment of HwPromptShape"][::core::mem::align_of::<HwPromptShape>() - 8usize];
+    [
+        "Offset of field: HwPromptShape::cu_seqlens",
+    ][::core::mem::offset_of!(HwPromptShape, cu_seqlens) - 0usize];
+    [
+        "Offset of field: HwPromptShape::batch",
+    ][::core::mem::offset_of!(HwPromptShape, batch) - 8usize];
+    [
+        "Offset of field: HwPromptShape::kv_heads",
+    ][::core::mem::offset_of!(HwPromptShape, kv_heads) - 12usize];
+    [
+        "Offset of field: HwPromptShape::group_size",
+    ][::core::mem::offset_of!(HwPromptShape, group_size) - 16usize];
+    [
+        "Offset of field: HwPromptShape::q_len",
+    ][::core::mem::offset_of!(HwPromptShape, q_len) - 20usize];
+    [
+        "Offset of field: HwPromptShape::window",
+    ][::core::mem::offset_of!(HwPromptShape, window) - 24usize];
+    [
+        "Offset of field: HwPromptShape::token_major",
+    ][::core::mem::offset_of!(HwPromptShape, token_major) - 28usize];
+};
+impl Default for HwPromptShape {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
 pub struct HwSelectParams {
     pub k: *const ::core::ffi::c_void,
     pub v: *const ::core::ffi::c_void,
@@ -244,11 +290,9 @@ pub struct HwSelectParams {
     pub k_cache: *mut ::core::ffi::c_void,
     pub v_cache: *mut ::core::ffi::c_void,
     pub seg: HwSegmentTable,
+    pub prompt: HwPromptShape,
     pub num_segments: i32,
-    pub group_size: i32,
     pub head_dim: i32,
-    pub q_len: i32,
-    pub window: i32,
     pub pool_kernel: i32,
     pub pool_mode: i32,
     pub gqa_mode: i32,
@@ -263,7 +307,7 @@ pub struct HwSelectParams {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of HwSelectParams"][::core::mem::size_of::<HwSelectParams>() - 208usize];
+    ["Size of HwSelectParams"][::core::mem::size_of::<HwSelectParams>() - 232usize];
     ["Alignment of HwSelectParams"][::core::mem::align_of::<HwSelectParams>() - 8usize];
     [
         "Offset of field: HwSelectParams::k",
@@ -302,53 +346,47 @@ const _: () = {
         "Offset of field: HwSelectParams::seg",
     ][::core::mem::offset_of!(HwSelectParams, seg) - 88usize];
     [
-        "Offset of field: HwSelectParams::num_segments",
-    ][::core::mem::offset_of!(HwSelectParams, num_segments) - 144usize];
+        "Offset of field: HwSelectParams::prompt",
+    ][::core::mem::offset_of!(HwSelectParams, prompt) - 144usize];
     [
-        "Offset of field: HwSelectParams::group_size",
-    ][::core::mem::offset_of!(HwSelectParams, group_size) - 148usize];
+        "Offset of field: HwSelectParams::num_segments",
+    ][::core::mem::offset_of!(HwSelectParams, num_segments) - 176usize];
     [
         "Offset of field: HwSelectParams::head_dim",
-    ][::core::mem::offset_of!(HwSelectParams, head_dim) - 152usize];
-    [
-        "Offset of field: HwSelectParams::q_len",
-    ][::core::mem::offset_of!(HwSelectParams, q_len) - 156usize];
-    [
-        "Offset of field: HwSelectParams::window",
-    ][::core::mem::offset_of!(HwSelectParams, window) - 160usize];
+    ][::core::mem::offset_of!(HwSelectParams, head_dim) - 180usize];
     [
         "Offset of field: HwSelectParams::pool_kernel",
-    ][::core::mem::offset_of!(HwSelectParams, pool_kernel) - 164usize];
+    ][::core::mem::offset_of!(HwSelectParams, pool_kernel) - 184usize];
     [
         "Offset of field: HwSelectParams::pool_mode",
-    ][::core::mem::offset_of!(HwSelectParams, pool_mode) - 168usize];
+    ][::core::mem::offset_of!(HwSelectParams, pool_mode) - 188usize];
     [
         "Offset of field: HwSelectParams::gqa_mode",
-    ][::core::mem::offset_of!(HwSelectParams, gqa_mode) - 172usize];
+    ][::core::mem::offset_of!(HwSelectParams, gqa_mode) - 192usize];
     [
         "Offset of field: HwSelectParams::per_query_head",
-    ][::core::mem::offset_of!(HwSelectParams, per_query_head) - 176usize];
+    ][::core::mem::offset_of!(HwSelectParams, per_query_head) - 196usize];
     [
         "Offset of field: HwSelectParams::chunk_tokens",
-    ][::core::mem::offset_of!(HwSelectParams, chunk_tokens) - 180usize];
+    ][::core::mem::offset_of!(HwSelectParams, chunk_tokens) - 200usize];
     [
         "Offset of field: HwSelectParams::splits",
-    ][::core::mem::offset_of!(HwSelectParams, splits) - 184usize];
+    ][::core::mem::offset_of!(HwSelectParams, splits) - 204usize];
     [
         "Offset of field: HwSelectParams::scale_log2",
-    ][::core::mem::offset_of!(HwSelectParams, scale_log2) - 188usize];
+    ][::core::mem::offset_of!(HwSelectParams, scale_log2) - 208usize];
     [
         "Offset of field: HwSelectParams::rows_per_sequence",
-    ][::core::mem::offset_of!(HwSelectParams, rows_per_sequence) - 192usize];
+    ][::core::mem::offset_of!(HwSelectParams, rows_per_sequence) - 212usize];
     [
         "Offset of field: HwSelectParams::adakv_prefix_budget",
-    ][::core::mem::offset_of!(HwSelectParams, adakv_prefix_budget) - 196usize];
+    ][::core::mem::offset_of!(HwSelectParams, adakv_prefix_budget) - 216usize];
     [
         "Offset of field: HwSelectParams::adakv_floor",
-    ][::core::mem::offset_of!(HwSelectParams, adakv_floor) - 200usize];
+    ][::core::mem::offset_of!(HwSelectParams, adakv_floor) - 220usize];
     [
         "Offset of field: HwSelectParams::adakv_keep",
-    ][::core::mem::offset_of!(HwSelectParams, adakv_keep) - 204usize];
+    ][::core::mem::offset_of!(HwSelectParams, adakv_keep) - 224usize];
 };
 impl Default for HwSelectParams {
     fn default() -> Self {
@@ -518,18 +556,16 @@ pub struct HwScoreParams {
     pub cov: *const f32,
     pub logits: *mut f32,
     pub scores: *mut f32,
+    pub prompt: HwPromptShape,
     pub num_segments: i32,
-    pub group_size: i32,
     pub head_dim: i32,
-    pub q_len: i32,
-    pub window: i32,
     pub sink: i32,
     pub epsilon: f32,
     pub use_vnorm: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of HwScoreParams"][::core::mem::size_of::<HwScoreParams>() - 80usize];
+    ["Size of HwScoreParams"][::core::mem::size_of::<HwScoreParams>() - 104usize];
     ["Alignment of HwScoreParams"][::core::mem::align_of::<HwScoreParams>() - 8usize];
     [
         "Offset of field: HwScoreParams::k",
@@ -550,29 +586,23 @@ const _: () = {
         "Offset of field: HwScoreParams::scores",
     ][::core::mem::offset_of!(HwScoreParams, scores) - 40usize];
     [
-        "Offset of field: HwScoreParams::num_segments",
-    ][::core::mem::offset_of!(HwScoreParams, num_segments) - 48usize];
+        "Offset of field: HwScoreParams::prompt",
+    ][::core::mem::offset_of!(HwScoreParams, prompt) - 48usize];
     [
-        "Offset of field: HwScoreParams::group_size",
-    ][::core::mem::offset_of!(HwScoreParams, group_size) - 52usize];
+        "Offset of field: HwScoreParams::num_segments",
+    ][::core::mem::offset_of!(HwScoreParams, num_segments) - 80usize];
     [
         "Offset of field: HwScoreParams::head_dim",
-    ][::core::mem::offset_of!(HwScoreParams, head_dim) - 56usize];
-    [
-        "Offset of field: HwScoreParams::q_len",
-    ][::core::mem::offset_of!(HwScoreParams, q_len) - 60usize];
-    [
-        "Offset of field: HwScoreParams::window",
-    ][::core::mem::offset_of!(HwScoreParams, window) - 64usize];
+    ][::core::mem::offset_of!(HwScoreParams, head_dim) - 84usize];
     [
         "Offset of field: HwScoreParams::sink",
-    ][::core::mem::offset_of!(HwScoreParams, sink) - 68usize];
+    ][::core::mem::offset_of!(HwScoreParams, sink) - 88usize];
     [
         "Offset of field: HwScoreParams::epsilon",
-    ][::core::mem::offset_of!(HwScoreParams, epsilon) - 72usize];
+    ][::core::mem::offset_of!(HwScoreParams, epsilon) - 92usize];
     [
         "Offset of field: HwScoreParams::use_vnorm",
-    ][::core::mem::offset_of!(HwScoreParams, use_vnorm) - 76usize];
+    ][::core::mem::offset_of!(HwScoreParams, use_vnorm) - 96usize];
 };
 impl Default for HwScoreParams {
     fn default() -> Self {

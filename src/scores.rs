@@ -7,7 +7,7 @@ use crate::dtype::KvElem;
 use crate::error::{Error, Result};
 use crate::kernels::{launch_1d, lookup};
 use crate::params::{HwLaunch, HwScoreParams};
-use crate::select::{MAX_GROUP, Prompt};
+use crate::prompt::{Geometry, Prompt};
 use crate::store::{KernelParams, Store, check_aligned, ensure};
 
 // SAFETY: generated from cuda/params.h (repr(C) plain data); the kernels in cuda/scores.cu take
@@ -43,11 +43,13 @@ impl Default for ExpectedAttention {
 /// Scratch of [`expected_attention`]: the per-query-head logits, grown on demand.
 pub struct ScoreWorkspace<S: Store> {
     logits: Option<S::Buf<f32>>,
+    /// The prompt's offsets on the store (packed prompts only).
+    cu_seqlens: Option<S::Buf<i32>>,
 }
 
 impl<S: Store> Default for ScoreWorkspace<S> {
     fn default() -> Self {
-        ScoreWorkspace { logits: None }
+        ScoreWorkspace { logits: None, cu_seqlens: None }
     }
 }
 
@@ -64,21 +66,23 @@ impl<S: Store> ScoreWorkspace<S> {
 /// computes) and covariance `cov` (`[batch * kv_heads][group_size][head_dim][head_dim]` f32, or
 /// `None` for `use_covariance = false`). Per query head, `mu . k / sqrt(d) + k^T cov k / (2 d)`
 /// over the non-sink keys, softmax, mean over the group, then `(a + epsilon) * ||v||`; sinks
-/// score `+inf`. Writes `scores`: `[batch * kv_heads][q_len - window]` f32, ready for
+/// score `+inf`. Writes `scores`: `[batch * kv_heads][q_len - window]` f32 (with a packed
+/// prompt, [`Packing::Varlen`](crate::prompt::Packing), each row has its sequence's `q_b -
+/// window`, rows back to back), ready for
 /// [`select::compress_into_scored`](crate::select::compress_into_scored) (use `pool_kernel: 1`:
 /// kvpress does not pool). `prompt.queries` is not read.
 ///
 /// ```
 /// # fn main() -> headwise::Result<()> {
 /// use headwise::scores::{self, ExpectedAttention, ScoreWorkspace};
-/// use headwise::select::Prompt;
+/// use headwise::select::{Packing, Prompt};
 /// use headwise::{EmuStore, Store};
 /// use half::bf16;
 /// let store = EmuStore;
 /// let (q_len, d, window) = (8, 64, 2);
 /// let k = store.upload(&vec![bf16::ONE; q_len * d])?;
 /// let none = store.zeros::<bf16>(0)?;
-/// let prompt = Prompt { k: &k, v: &k, queries: &none, batch: 1, kv_heads: 1, group_size: 1, q_len, head_dim: d };
+/// let prompt = Prompt { k: &k, v: &k, queries: &none, batch: 1, kv_heads: 1, group_size: 1, q_len, head_dim: d, packing: Packing::HeadMajor };
 /// let mean = store.upload(&vec![0.1f32; d])?;
 /// let mut out = store.zeros::<f32>(q_len - window)?;
 /// let opts = ExpectedAttention { sink: 1, ..ExpectedAttention::default() };
@@ -100,42 +104,25 @@ pub fn expected_attention<S: Store, T: KvElem>(
     ws: &mut ScoreWorkspace<S>,
 ) -> Result<()> {
     let p = prompt;
-    crate::dtype::check_head_dim(p.head_dim)?;
-    if p.batch == 0 || p.kv_heads == 0 {
-        return Err(Error::invalid("batch", "batch and kv_heads must be at least 1"));
-    }
-    if p.group_size == 0 || p.group_size > MAX_GROUP {
-        return Err(Error::invalid("group_size", format!("{} is outside 1..={MAX_GROUP}", p.group_size)));
-    }
-    if window == 0 || window > p.q_len {
-        return Err(Error::invalid("window", format!("{window} is outside 1..=q_len {}", p.q_len)));
-    }
+    // Logits: one row per query head.
+    let geo = Geometry::new(p, window, p.group_size)?;
     if opts.sink >= p.q_len {
         return Err(Error::invalid("sink", format!("{} leaves no key below q_len {}", opts.sink, p.q_len)));
+    }
+    if geo.min_len() <= opts.sink {
+        return Err(Error::invalid(
+            "sink",
+            format!("{} leaves no key in the shortest sequence, of {} tokens", opts.sink, geo.min_len()),
+        ));
     }
     if !opts.epsilon.is_finite() {
         return Err(Error::invalid("epsilon", format!("{} is not finite", opts.epsilon)));
     }
     let d = p.head_dim;
-    let too_big = || {
-        Error::invalid(
-            "batch",
-            format!("batch * kv_heads * group_size * q_len * head_dim^2 exceeds {}", crate::layout::MAX_ROWS),
-        )
-    };
-    let segments = p.batch.checked_mul(p.kv_heads).ok_or_else(too_big)?;
-    let heads = segments.checked_mul(p.group_size).ok_or_else(too_big)?;
-    let logits =
-        heads.checked_mul(p.q_len).filter(|&x| x as u64 <= crate::layout::MAX_ROWS).ok_or_else(too_big)?;
-    let kv = segments.checked_mul(p.q_len).and_then(|x| x.checked_mul(d)).ok_or_else(too_big)?;
-    for (field, len) in [("k", S::len(p.k)), ("v", S::len(p.v))] {
-        if len != kv {
-            return Err(Error::invalid(
-                field,
-                format!("{len} elements, expected batch * kv_heads * q_len * head_dim = {kv}"),
-            ));
-        }
-    }
+    let segments = geo.segments();
+    let heads = segments * p.group_size;
+    // Geometry bounded the logits' entries by int32 rows.
+    let logits = geo.all_entries(p.group_size);
     if S::len(mean) != heads * d {
         return Err(Error::invalid(
             "mean",
@@ -147,7 +134,9 @@ pub fn expected_attention<S: Store, T: KvElem>(
         ));
     }
     if let Some(c) = cov {
-        let want = heads.checked_mul(d * d).ok_or_else(too_big)?;
+        let want = heads
+            .checked_mul(d * d)
+            .ok_or_else(|| Error::invalid("cov", "batch * kv_heads * group_size * head_dim^2 overflows"))?;
         if S::len(c) != want {
             return Err(Error::invalid(
                 "cov",
@@ -158,18 +147,18 @@ pub fn expected_attention<S: Store, T: KvElem>(
             ));
         }
     }
-    let n = p.q_len - window;
-    if S::len(scores) != segments * n {
+    let n = geo.prefix_entries(1);
+    if S::len(scores) != n {
         return Err(Error::invalid(
             "scores",
             format!(
-                "{} elements, expected batch * kv_heads * (q_len - window) = {}",
+                "{} elements, expected {n}: one per prefix token (q_len - window) of each of the {segments} rows",
                 S::len(scores),
-                segments * n
             ),
         ));
     }
     ensure(store, &mut ws.logits, logits)?;
+    geo.upload(store, &mut ws.cu_seqlens)?;
     let dt = T::DTYPE.name();
     let logits_k = lookup(&format!("hw_scores_ea_logits_{dt}_d{d}"), "head_dim")?;
     let finish_k = lookup(&format!("hw_scores_ea_finish_{dt}_d{d}"), "head_dim")?;
@@ -181,11 +170,9 @@ pub fn expected_attention<S: Store, T: KvElem>(
         cov: null,
         logits: null,
         scores: null,
+        prompt: geo.params(std::ptr::null()),
         num_segments: segments as i32,
-        group_size: p.group_size as i32,
         head_dim: d as i32,
-        q_len: p.q_len as i32,
-        window: window as i32,
         sink: opts.sink as i32,
         epsilon: opts.epsilon,
         use_vnorm: i32::from(opts.use_vnorm),
@@ -199,6 +186,9 @@ pub fn expected_attention<S: Store, T: KvElem>(
     }
     params.logits = store.addr_mut("logits", ws.logits.as_mut().expect("ensured"), &mut pins)? as *mut f32;
     params.scores = store.addr_mut("scores", scores, &mut pins)? as *mut f32;
+    if let Some(cu) = &ws.cu_seqlens {
+        params.prompt = geo.params(store.addr("cu_seqlens", cu, &mut pins)? as *const i32);
+    }
     check_aligned("k", params.k as u64)?;
     check_aligned("v", params.v as u64)?;
     let y = p.q_len.div_ceil(LOGIT_WARPS);
@@ -209,9 +199,10 @@ pub fn expected_attention<S: Store, T: KvElem>(
         ));
     }
     let cfg = HwLaunch { grid_y: y as u32, ..launch_1d(segments, LOGIT_THREADS, 0) };
-    // SAFETY: addresses from this store, pinned until the end of the function; k/v hold
-    // segments * q_len rows, mean/cov/logits/scores the sizes checked above; the kernels index
-    // only below those (segment < num_segments, token < q_len, head < segments * G <= 16 each).
+    // SAFETY: addresses from this store, pinned until the end of the function; k/v hold every
+    // sequence's rows (Geometry checked the lengths against cu_seqlens or batch * q_len),
+    // mean/cov/logits/scores the sizes checked above; the kernels index only below those
+    // (segment < num_segments, token < its sequence's length, G <= 16 heads per segment).
     unsafe { store.launch(logits_k, &cfg, &params)? };
     // SAFETY: as above.
     unsafe { store.launch(finish_k, &launch_1d(segments, FINISH_THREADS, 0), &params)? };

@@ -2,10 +2,15 @@
 //! the kept rows into a compressed [`LayerCache`]; kernels in `cuda/select.cu`.
 //!
 //! # Inputs ([`Prompt`])
-//! For one layer of a batch of `batch` sequences, each with the same prompt length `q`:
-//! - `k`, `v`: the prompt's keys (already RoPE-rotated) and values, `[batch][kv_heads][q][head_dim]`;
-//! - `queries`: the last `window` queries of every query head, `[batch][kv_heads * G][window]
-//!   [head_dim]` (query head `h * G + g` belongs to KV head `h`).
+//! For one layer of a batch of `batch` sequences, the prompt's keys (already RoPE-rotated),
+//! values and the queries of the last `window` tokens of every query head (query head `h * G +
+//! g` belongs to KV head `h`), in one of two forms ([`Packing`]):
+//! - head-major, every sequence `q` tokens: `k`, `v` `[batch][kv_heads][q][head_dim]`, `queries`
+//!   `[batch][kv_heads * G][window][head_dim]`;
+//! - token-major packed with `cu_seqlens` (flash-attn varlen, FlashInfer ragged), each sequence
+//!   its own length `q_b`: `k`, `v` `[total][kv_heads][head_dim]`, `queries` the engine's
+//!   `[total][kv_heads * G][head_dim]`. Everything below then holds per sequence with its `q_b`,
+//!   in one launch per pass.
 //!
 //! # What is computed
 //! For each (sequence, KV head): window query `i` (position `n + i`, `n = q - window`) against
@@ -36,13 +41,15 @@
 //! group mean passes that on to the KV head, the group max drops that query head.
 
 use crate::cache::LayerCache;
-use crate::dtype::{KvElem, check_head_dim};
+use crate::dtype::KvElem;
 use crate::error::{Error, Result};
 use crate::kernels::{launch_1d, lookup};
 use crate::layout::{DeviceTable, LayerLayout, MAX_ROWS, Segment, SegmentMode};
 use crate::params::{
     HW_GQA_MAX, HW_GQA_MEAN, HW_POOL_AVG, HW_POOL_MAX, HwLaunch, HwSegmentTable, HwSelectParams,
 };
+use crate::prompt::Geometry;
+pub use crate::prompt::{MAX_GROUP, Packing, Prompt};
 use crate::store::{KernelParams, Store, check_aligned, ensure};
 
 // SAFETY: generated from cuda/params.h (repr(C) plain data); every kernel in cuda/select.cu
@@ -52,8 +59,6 @@ unsafe impl KernelParams for HwSelectParams {}
 #[cfg(feature = "cuda")]
 unsafe impl cudarc::driver::DeviceRepr for HwSelectParams {}
 
-/// Largest supported GQA group size (query heads per KV head).
-pub const MAX_GROUP: usize = 16;
 const TILE_THREADS: u32 = 128;
 const TOP_THREADS: u32 = 256;
 const ELEMENTWISE_THREADS: u32 = 256;
@@ -165,26 +170,6 @@ pub enum Budgets<'a> {
     },
 }
 
-/// One layer's prompt, as described in the [module docs](self).
-pub struct Prompt<'a, S: Store, T: KvElem> {
-    /// Keys, `[batch][kv_heads][q][head_dim]`.
-    pub k: &'a S::Buf<T>,
-    /// Values, same shape as `k`.
-    pub v: &'a S::Buf<T>,
-    /// Last `window` queries per query head, `[batch][kv_heads * group_size][window][head_dim]`.
-    pub queries: &'a S::Buf<T>,
-    /// Sequences.
-    pub batch: usize,
-    /// KV heads per sequence.
-    pub kv_heads: usize,
-    /// Query heads per KV head (1..=16).
-    pub group_size: usize,
-    /// Prompt tokens per sequence.
-    pub q_len: usize,
-    /// Elements per K/V row (64, 128 or 256).
-    pub head_dim: usize,
-}
-
 /// Scratch memory of [`compress`], reused across calls and grown on demand. After a call it
 /// still holds that call's scores and selections, which [`SelectWorkspace::scores`] and
 /// [`SelectWorkspace::kept`] read back (for tests and diagnostics).
@@ -195,8 +180,18 @@ pub struct SelectWorkspace<S: Store> {
     keys: Option<S::Buf<u32>>,
     budgets: Option<S::Buf<i32>>,
     kept: Option<S::Buf<i32>>,
-    /// (rows, n, q) of the last call.
-    last: Option<(usize, usize, usize)>,
+    /// The prompt's offsets on the store (packed prompts only).
+    cu_seqlens: Option<S::Buf<i32>>,
+    /// Score rows, their spans and lengths of the last call.
+    last: Option<LastCall>,
+}
+
+/// What the readbacks of [`SelectWorkspace`] need of the last call: per score row, where its
+/// kept positions start and how many tokens it has.
+struct LastCall {
+    all: Vec<usize>,
+    lens: Vec<usize>,
+    window: usize,
 }
 
 impl<S: Store> Default for SelectWorkspace<S> {
@@ -208,6 +203,7 @@ impl<S: Store> Default for SelectWorkspace<S> {
             keys: None,
             budgets: None,
             kept: None,
+            cu_seqlens: None,
             last: None,
         }
     }
@@ -219,27 +215,32 @@ impl<S: Store> SelectWorkspace<S> {
         Self::default()
     }
 
-    fn last(&self) -> Result<(usize, usize, usize)> {
-        self.last.ok_or_else(|| Error::invalid("workspace", "no compression has run in this workspace"))
+    fn last(&self) -> Result<&LastCall> {
+        self.last
+            .as_ref()
+            .ok_or_else(|| Error::invalid("workspace", "no compression has run in this workspace"))
     }
 
-    /// The pooled f32 scores of the last call, `[rows][q - window]` (a NaN key reads as NaN,
-    /// or `-inf` where max-pooling skipped it; see the module docs).
+    /// The pooled f32 scores of the last call, `[rows][q - window]` (rows back to back, each of
+    /// its sequence's `q_b - window` with a packed prompt; a NaN key reads as NaN, or `-inf`
+    /// where max-pooling skipped it; see the module docs).
     pub fn scores(&self, store: &S) -> Result<Vec<f32>> {
-        let (rows, n, _) = self.last()?;
+        let last = self.last()?;
+        let n: usize = last.lens.iter().map(|l| l - last.window).sum();
         let keys = store.download(self.keys.as_ref().expect("allocated by the last call"))?;
-        Ok(keys[..rows * n].iter().map(|&k| key_to_score(k)).collect())
+        Ok(keys[..n].iter().map(|&k| key_to_score(k)).collect())
     }
 
-    /// The kept positions of the last call, per row, ascending.
+    /// The kept positions of the last call, per row, ascending (positions within the row's
+    /// sequence).
     pub fn kept(&self, store: &S) -> Result<Vec<Vec<u32>>> {
-        let (rows, _, q) = self.last()?;
+        let last = self.last()?;
         let budgets = store.download(self.budgets.as_ref().expect("allocated by the last call"))?;
         let kept = store.download(self.kept.as_ref().expect("allocated by the last call"))?;
-        Ok((0..rows)
+        Ok((0..last.lens.len())
             .map(|r| {
-                let count = (budgets[r] as usize).min(q);
-                kept[r * q..r * q + count].iter().map(|&p| p as u32).collect()
+                let count = (budgets[r] as usize).min(last.lens[r]);
+                kept[last.all[r]..last.all[r] + count].iter().map(|&p| p as u32).collect()
             })
             .collect())
     }
@@ -258,14 +259,24 @@ pub(crate) fn key_to_score(key: u32) -> f32 {
 
 /// Validated shapes of one call.
 struct Shape {
+    geo: Geometry,
     segments: usize,
     rows: usize,
     rows_per_sequence: usize,
+    /// Score rows per segment (1, or G per query head).
+    per_seg: usize,
     group: usize,
+    /// The longest sequence.
     q: usize,
-    n: usize,
     window: usize,
     head_dim: usize,
+}
+
+impl Shape {
+    /// Tokens of score row `r`'s sequence.
+    fn row_len(&self, r: usize) -> usize {
+        self.geo.row_len(r, self.per_seg)
+    }
 }
 
 /// `needs_queries`: whether the scores come from the window queries (SnapKV), else
@@ -275,22 +286,11 @@ fn check_prompt<S: Store, T: KvElem>(
     opts: &SelectOptions,
     needs_queries: bool,
 ) -> Result<Shape> {
-    check_head_dim(p.head_dim)?;
-    if p.batch == 0 {
-        return Err(Error::invalid("batch", "must be at least 1"));
-    }
-    if p.kv_heads == 0 {
-        return Err(Error::invalid("kv_heads", "must be at least 1"));
-    }
-    if p.group_size == 0 || p.group_size > MAX_GROUP {
-        return Err(Error::invalid("group_size", format!("{} is outside 1..={MAX_GROUP}", p.group_size)));
-    }
-    if p.q_len == 0 {
-        return Err(Error::invalid("q_len", "must be at least 1"));
-    }
-    if opts.window == 0 || opts.window > p.q_len {
-        return Err(Error::invalid("window", format!("{} is outside 1..=q_len {}", opts.window, p.q_len)));
-    }
+    let per_seg = match opts.granularity {
+        Granularity::KvHead => 1,
+        Granularity::QueryHead => p.group_size,
+    };
+    let geo = Geometry::new(p, opts.window, per_seg)?;
     if opts.pool_kernel.is_multiple_of(2) {
         return Err(Error::invalid("pool_kernel", format!("{} must be odd", opts.pool_kernel)));
     }
@@ -298,55 +298,26 @@ fn check_prompt<S: Store, T: KvElem>(
         // Wider than the prompt changes nothing but can overflow the kernels' int32 radius.
         return Err(Error::invalid("pool_kernel", format!("{} exceeds q_len {}", opts.pool_kernel, p.q_len)));
     }
-    let segments = p.batch.checked_mul(p.kv_heads);
-    let g = match opts.granularity {
-        Granularity::KvHead => 1,
-        Granularity::QueryHead => p.group_size,
-    };
-    // Every index the kernels form stays below these products, each bounded by int32 rows.
-    let bound = |x: Option<usize>| x.filter(|&v| v as u64 <= MAX_ROWS);
-    let (Some(segments), Some(rows)) = (bound(segments), bound(segments.and_then(|s| s.checked_mul(g))))
-    else {
-        return Err(Error::invalid("batch", format!("batch * kv_heads * G exceeds {MAX_ROWS}")));
-    };
-    if bound(rows.checked_mul(p.q_len)).is_none() {
-        return Err(Error::invalid(
-            "q_len",
-            format!("score rows {rows} * q_len {} exceeds {MAX_ROWS} rows", p.q_len),
-        ));
-    }
-    if bound(segments.checked_mul(p.group_size * opts.window)).is_none() {
-        return Err(Error::invalid("window", format!("query rows exceed {MAX_ROWS}")));
-    }
-    let d = p.head_dim;
-    let kv = segments * p.q_len * d;
-    for (field, len) in [("k", S::len(p.k)), ("v", S::len(p.v))] {
-        if len != kv {
-            return Err(Error::invalid(
-                field,
-                format!("{len} elements, expected batch * kv_heads * q_len * head_dim = {kv}"),
-            ));
-        }
-    }
-    let qn = segments * p.group_size * opts.window * d;
+    // Geometry bounded the rows and their entries by int32 rows: every score, key and kept
+    // entry index stays below it.
+    let segments = geo.segments();
+    let (qn, what) = geo.queries_len();
     if needs_queries && S::len(p.queries) != qn {
         return Err(Error::invalid(
             "queries",
-            format!(
-                "{} elements, expected batch * kv_heads * group_size * window * head_dim = {qn}",
-                S::len(p.queries)
-            ),
+            format!("{} elements, expected {what} = {qn}", S::len(p.queries)),
         ));
     }
     Ok(Shape {
         segments,
-        rows,
-        rows_per_sequence: p.kv_heads * g,
+        rows: segments * per_seg,
+        rows_per_sequence: p.kv_heads * per_seg,
+        per_seg,
         group: p.group_size,
         q: p.q_len,
-        n: p.q_len - opts.window,
         window: opts.window,
-        head_dim: d,
+        head_dim: p.head_dim,
+        geo,
     })
 }
 
@@ -431,7 +402,10 @@ pub fn compress<S: Store, T: KvElem>(
     // per-row budgets give, and with AdaKV against the least it keeps (the window per row);
     // AdaKV counts above that are checked again below, after scoring.
     match &known {
-        Some(b) => check_packed(b.iter().map(|&x| (x as usize).min(shape.q) as u64), opts.headroom)?,
+        Some(b) => check_packed(
+            b.iter().enumerate().map(|(r, &x)| (x as usize).min(shape.row_len(r)) as u64),
+            opts.headroom,
+        )?,
         None => check_packed(std::iter::repeat_n(shape.window as u64, shape.rows), opts.headroom)?,
     }
     let kept = score_and_select(store, prompt, None, &shape, &budgets, known.as_deref(), opts, ws)?;
@@ -491,14 +465,14 @@ pub fn compress_into<S: Store, T: KvElem>(
 ///
 /// ```
 /// # fn main() -> headwise::Result<()> {
-/// use headwise::select::{self, Budgets, Prompt, SelectOptions, SelectWorkspace};
+/// use headwise::select::{self, Budgets, Packing, Prompt, SelectOptions, SelectWorkspace};
 /// use headwise::{EmuStore, LayerCache, LayoutBuilder, Store};
 /// use half::bf16;
 /// let store = EmuStore;
 /// let (q_len, d, window) = (6, 64, 2);
 /// let k = store.upload(&vec![bf16::ONE; q_len * d])?;
 /// let none = store.zeros::<bf16>(0)?;
-/// let prompt = Prompt { k: &k, v: &k, queries: &none, batch: 1, kv_heads: 1, group_size: 1, q_len, head_dim: d };
+/// let prompt = Prompt { k: &k, v: &k, queries: &none, batch: 1, kv_heads: 1, group_size: 1, q_len, head_dim: d, packing: Packing::HeadMajor };
 /// // Four prefix tokens; keep the best two of them plus the window.
 /// let scores = store.upload(&[0.1f32, 0.9, 0.3, 0.8])?;
 /// let opts = SelectOptions { window, pool_kernel: 1, ..SelectOptions::default() };
@@ -555,7 +529,7 @@ fn compress_into_from<S: Store, T: KvElem>(
     }
     let known = check_budgets(&shape, &budgets)?;
     if let Some(b) = &known {
-        check_capacity(l, b.iter().map(|&x| (x as usize).min(shape.q) as u32))?;
+        check_capacity(l, b.iter().enumerate().map(|(r, &x)| (x as usize).min(shape.row_len(r)) as u32))?;
     }
     let store = dest.store().clone();
     let kept = score_and_select(&store, prompt, given, &shape, &budgets, known.as_deref(), opts, ws)?;
@@ -594,7 +568,7 @@ fn verify<S: Store, T: KvElem>(
             operation,
             &what,
             positions,
-            shape.q,
+            shape.row_len(r),
             shape.window,
             budgets[r] as usize,
         )?;
@@ -608,7 +582,7 @@ fn verify<S: Store, T: KvElem>(
         let pairs: Vec<(usize, usize)> = positions
             .iter()
             .enumerate()
-            .map(|(i, &p)| (src * shape.q + p as usize, seg.row(i as u32) as usize))
+            .map(|(i, &p)| (shape.geo.key_row(src, p as usize), seg.row(i as u32) as usize))
             .collect();
         crate::invariants::check_rows(operation, &format!("{what} K"), &pk, &ck, &pairs, shape.head_dim)?;
         crate::invariants::check_rows(operation, &format!("{what} V"), &pv, &cv, &pairs, shape.head_dim)?;
@@ -628,7 +602,7 @@ fn check_capacity(layout: &LayerLayout, counts: impl Iterator<Item = u32>) -> Re
     Ok(())
 }
 
-fn base_params(shape: &Shape, opts: &SelectOptions, chunk: usize) -> Result<HwSelectParams> {
+fn base_params(shape: &Shape, opts: &SelectOptions, chunk: usize, cu: *const i32) -> Result<HwSelectParams> {
     let scale = opts.scale.unwrap_or(1.0 / (shape.head_dim as f32).sqrt());
     if !(scale * std::f32::consts::LOG2_E).is_finite() || scale == 0.0 {
         return Err(Error::invalid(
@@ -658,11 +632,9 @@ fn base_params(shape: &Shape, opts: &SelectOptions, chunk: usize) -> Result<HwSe
             mode: std::ptr::null(),
             num_segments: 0,
         },
+        prompt: shape.geo.params(cu),
         num_segments: shape.segments as i32,
-        group_size: shape.group as i32,
         head_dim: shape.head_dim as i32,
-        q_len: shape.q as i32,
-        window: shape.window as i32,
         pool_kernel: opts.pool_kernel as i32,
         pool_mode: match opts.pool {
             Pool::Max => HW_POOL_MAX,
@@ -696,14 +668,19 @@ fn score_and_select<S: Store, T: KvElem>(
     ws: &mut SelectWorkspace<S>,
 ) -> Result<Vec<u32>> {
     let chunk = plan_chunk(shape, store.sm_count(), opts.chunk_tokens)?;
-    let mut params = base_params(shape, opts, chunk)?;
-    let (rows, n, q) = (shape.rows, shape.n, shape.q);
+    let mut params = base_params(shape, opts, chunk, std::ptr::null())?;
+    let rows = shape.rows;
+    // Entries of the per-row buffers: one per prefix token (scores, keys) or per token (kept)
+    // of each row's sequence.
+    let (n, all) = (shape.geo.prefix_entries(shape.per_seg), shape.geo.all_entries(shape.per_seg));
+    let max_n = shape.geo.max_prefix();
     let qrows = shape.segments * shape.group * shape.window;
     ensure(store, &mut ws.stats, qrows * params.splits as usize * 2)?;
     ensure(store, &mut ws.final_stats, qrows * 2)?;
-    ensure(store, &mut ws.scores, rows * n)?;
-    ensure(store, &mut ws.keys, rows * n)?;
-    ensure(store, &mut ws.kept, rows * q)?;
+    ensure(store, &mut ws.scores, n)?;
+    ensure(store, &mut ws.keys, n)?;
+    ensure(store, &mut ws.kept, all)?;
+    shape.geo.upload(store, &mut ws.cu_seqlens)?;
     ws.last = None;
     let budget_buf = match known {
         Some(b) => {
@@ -732,11 +709,14 @@ fn score_and_select<S: Store, T: KvElem>(
     let topk_k = lookup("hw_select_topk", "kernel")?;
     let knorm_k = lookup(&format!("hw_select_knorm_{dt}_d{d}"), "head_dim")?;
     if let Some(g) = given
-        && S::len(g) != rows * n
+        && S::len(g) != n
     {
         return Err(Error::invalid(
             "scores",
-            format!("{} elements, expected rows {rows} * (q_len - window) {n}", S::len(g)),
+            format!(
+                "{} elements, expected {n}: one per prefix token (q_len - window) of each of the {rows} rows",
+                S::len(g)
+            ),
         ));
     }
     let snapkv = given.is_none() && opts.score == Score::SnapKv;
@@ -759,34 +739,41 @@ fn score_and_select<S: Store, T: KvElem>(
         params.keys = store.addr_mut("keys", ws.keys.as_mut().expect("ensured"), &mut pins)? as *mut u32;
         params.budgets = store.addr_mut("budgets", ws.budgets.as_mut().expect("set"), &mut pins)? as *mut i32;
         params.kept = store.addr_mut("kept", ws.kept.as_mut().expect("ensured"), &mut pins)? as *mut i32;
+        if let Some(cu) = &ws.cu_seqlens {
+            params.prompt = shape.geo.params(store.addr("cu_seqlens", cu, &mut pins)? as *const i32);
+        }
         check_aligned("k", params.k as u64)?;
         check_aligned("v", params.v as u64)?;
 
         let tiles = HwLaunch { grid_y: params.splits as u32, ..launch_1d(shape.segments, TILE_THREADS, 0) };
         // SAFETY (all launches below): every address comes from this store, pinned until the
-        // end of this block. check_prompt validated the prompt buffers' lengths against
-        // segments, q, G, W and head_dim, and bounded every product by int32 rows; the workspace
-        // buffers were sized above from the same shape (stats: query rows * splits, scores and
-        // keys: rows * n, kept: rows * q, budgets: rows). Budgets are >= window (checked on the
-        // host, or written by the adakv kernel as count + window), so the selection writes
-        // min(budget, q) <= q positions per row.
+        // end of this block. check_prompt validated the prompt buffers' lengths against the
+        // sequences' lengths (cu_seqlens non-decreasing from 0, each length >= W, the longest
+        // = q_len, uploaded as checked), G, W and head_dim, and bounded every product by int32
+        // rows; the workspace buffers were sized above from the same geometry (stats: query rows
+        // * splits over the longest sequence, scores and keys: each row's prefix, kept: each
+        // row's tokens, budgets: rows). Budgets are >= window (checked on the host, or written
+        // by the adakv kernel as count + window), so the selection writes min(budget, len) <=
+        // len positions per row.
         if snapkv {
             unsafe { store.launch(stats_k, &tiles, &params)? };
             let merge = launch_1d(qrows.div_ceil(ELEMENTWISE_THREADS as usize), ELEMENTWISE_THREADS, 0);
             unsafe { store.launch(merge_k, &merge, &params)? };
         }
-        if n > 0 {
+        if max_n > 0 {
             if snapkv {
                 unsafe { store.launch(score_k, &tiles, &params)? };
             } else if given.is_none() {
                 // One warp per (row, prefix token); the given scores (len rows * n, checked)
                 // need no scoring kernel.
                 let warps = (TILE_THREADS / 32) as usize;
-                unsafe {
-                    store.launch(knorm_k, &launch_1d((rows * n).div_ceil(warps), TILE_THREADS, 0), &params)?
-                };
+                let y = max_n.div_ceil(warps).clamp(1, 65535) as u32;
+                let cfg = HwLaunch { grid_y: y, ..launch_1d(rows, TILE_THREADS, 0) };
+                unsafe { store.launch(knorm_k, &cfg, &params)? };
             }
-            let pool = launch_1d((rows * n).div_ceil(ELEMENTWISE_THREADS as usize), ELEMENTWISE_THREADS, 0);
+            // Block x = row, blocks y stride over its prefix.
+            let y = max_n.div_ceil(ELEMENTWISE_THREADS as usize).clamp(1, 65535) as u32;
+            let pool = HwLaunch { grid_y: y, ..launch_1d(rows, ELEMENTWISE_THREADS, 0) };
             unsafe { store.launch(pool_k, &pool, &params)? };
         }
         if known.is_none() {
@@ -795,13 +782,18 @@ fn score_and_select<S: Store, T: KvElem>(
         unsafe { store.launch(topk_k, &launch_1d(rows, TOP_THREADS, 0), &params)? };
         drop(pins);
     }
-    ws.last = Some((rows, n, q));
+    ws.last = Some(LastCall {
+        all: (0..rows).map(|r| shape.geo.row_span(r, shape.per_seg).0).collect(),
+        lens: (0..rows).map(|r| shape.row_len(r)).collect(),
+        window: shape.window,
+    });
     let counts: Vec<u32> = match known {
-        Some(b) => b.iter().map(|&x| (x as usize).min(q) as u32).collect(),
+        Some(b) => b.iter().enumerate().map(|(r, &x)| (x as usize).min(shape.row_len(r)) as u32).collect(),
         None => store
             .download(ws.budgets.as_ref().expect("set"))?
             .iter()
-            .map(|&x| (x.max(0) as usize).min(q) as u32)
+            .enumerate()
+            .map(|(r, &x)| (x.max(0) as usize).min(shape.row_len(r)) as u32)
             .collect(),
     };
     Ok(counts)
@@ -820,7 +812,7 @@ fn gather<S: Store, T: KvElem>(
     if max_len == 0 {
         return Ok(());
     }
-    let mut params = base_params(shape, opts, shape.q)?;
+    let mut params = base_params(shape, opts, shape.q, std::ptr::null())?;
     let kernel = lookup(&format!("hw_select_gather_d{}", shape.head_dim), "head_dim")?;
     let rows = dest.layout().segments().len();
     let (store, k_cache, v_cache, table) = dest.parts_mut();
@@ -829,15 +821,18 @@ fn gather<S: Store, T: KvElem>(
     params.v = store.addr("v", prompt.v, &mut pins)? as *const _;
     params.kept =
         store.addr_mut("kept", ws.kept.as_mut().expect("set by score_and_select"), &mut pins)? as *mut i32;
+    if let Some(cu) = &ws.cu_seqlens {
+        params.prompt = shape.geo.params(store.addr("cu_seqlens", cu, &mut pins)? as *const i32);
+    }
     params.k_cache = store.addr_mut("k_cache", k_cache, &mut pins)? as *mut _;
     params.v_cache = store.addr_mut("v_cache", v_cache, &mut pins)? as *mut _;
     params.seg = DeviceTable::params(store.addr_mut("device_table", table, &mut pins)?, rows);
     let y = max_len.div_ceil(GATHER_ROWS_PER_BLOCK).min(65535) as u32;
     let cfg = HwLaunch { grid_y: y, ..launch_1d(rows, TILE_THREADS, 0) };
     // SAFETY: addresses from this store, pinned. Row r of segment s reads kept[s][r] (r < len <=
-    // q, written by the topk kernel of the same shape: positions < q of source segment s or s / G,
-    // inside the validated prompt) and writes row r of a validated Full segment with len <=
-    // capacity.
+    // the sequence's length, written by the topk kernel of the same shape: positions below that
+    // length of source segment s or s / G, inside the validated prompt) and writes row r of a
+    // validated Full segment with len <= capacity.
     unsafe { store.launch(kernel, &cfg, &params)? };
     drop(pins);
     Ok(())

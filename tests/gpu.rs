@@ -335,6 +335,16 @@ mod on_gpu {
     }
 
     #[test]
+    fn packed_prompts_on_gpu() {
+        // Packed (cu_seqlens) prompts of mixed lengths vs each sequence alone, head-major.
+        let store = store();
+        for d in [64, 128, 256] {
+            super::common::packed::packed_prompts_match_head_major::<_, f16>(&store, d, 4, 61 + d as u64);
+            super::common::packed::packed_prompts_match_head_major::<_, bf16>(&store, d, 8, 67 + d as u64);
+        }
+    }
+
+    #[test]
     fn select_then_attention_on_gpu() {
         let store = store();
         for d in [64, 128, 256] {

@@ -180,6 +180,7 @@ fn plan_largest<T: KvElem>(head_dim: usize, g: usize) -> BTreeSet<String> {
         group_size: g,
         q_len: TOKENS as usize,
         head_dim,
+        packing: Default::default(),
     };
     let mut sws = SelectWorkspace::new();
     for granularity in [headwise::select::Granularity::KvHead, headwise::select::Granularity::QueryHead] {
@@ -256,6 +257,7 @@ fn run_ops<T: KvElem>(layout: LayerLayout, seed: u64) -> std::result::Result<Vec
         group_size: G,
         q_len: Q_LEN,
         head_dim: D,
+        packing: Default::default(),
     };
     let mut cache: LayerCache<EmuStore, T> = LayerCache::new(&store, layout, D)?;
     let opts = SelectOptions { window: WINDOW, ..Default::default() };

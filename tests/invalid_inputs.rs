@@ -91,6 +91,7 @@ const ENTRY_POINTS: &[fn(&mut Battery)] = &[
     select_compress,
     select_compress_into,
     select_compress_into_scored,
+    select_compress_packed,
     scores_expected_attention,
     rkv_evict,
     query_ring_new,
@@ -158,6 +159,7 @@ fn library_bugs_found_by_the_battery() {
         group_size: 1,
         q_len: 8,
         head_dim: 64,
+        packing: Default::default(),
     };
     let opts = SelectOptions { window: 2, pool_kernel: 1, headroom: u32::MAX, ..SelectOptions::default() };
     for budgets in [Budgets::PerRow(&[4]), Budgets::AdaKv { base: 4, floor_alpha: 0.2 }] {
@@ -2001,6 +2003,7 @@ impl SelCase {
             group_size: self.group,
             q_len: self.q_len,
             head_dim: self.head_dim,
+            packing: Default::default(),
         }
     }
 }
@@ -2309,6 +2312,7 @@ fn select_compress(b: &mut Battery) {
         group_size: 1,
         q_len: q,
         head_dim: d,
+        packing: Default::default(),
     };
     let chunks = (1u32..=2, any::<bool>(), 0u32..100);
     b.run("select::compress", 100, chunks, |p, (chunk, ada, x)| {
@@ -2341,6 +2345,7 @@ fn select_compress(b: &mut Battery) {
             group_size: g,
             q_len: q,
             head_dim: d,
+            packing: Default::default(),
         };
         let mut ws = SelectWorkspace::new();
         let opts = SelectOptions { window: w, pool_kernel: 5, headroom: 2, ..SelectOptions::default() };
@@ -2434,6 +2439,104 @@ fn sel_dest(c: &mut SelCase, fault: Option<&DestFault>, x: u32) -> (LayerLayout,
     (layout, d, expect)
 }
 
+/// Packed prompts (`Packing::Varlen`): a valid prompt of mixed lengths, or one fault at a time
+/// in the offsets (count, first entry, a decreasing entry, a sequence shorter than the window,
+/// q_len not the longest) or in a buffer's length; the field named must be the fault's.
+fn select_compress_packed(b: &mut Battery) {
+    use headwise::select::Packing;
+    b.run(
+        "select::compress (packed, cu_seqlens)",
+        1_000,
+        (
+            (1usize..4, 1usize..3, prop_oneof![Just(1usize), Just(2), Just(4)], 1usize..8),
+            prop::collection::vec(0usize..30, 3),
+            prop_oneof![3 => Just(None), 1 => (0u8..8, 1usize..4).prop_map(Some)],
+        ),
+        |p, ((batch, kv_heads, group, window), extra, fault)| {
+            let s = store(p);
+            let d = 64;
+            let mut lens: Vec<usize> = (0..batch).map(|b| window + extra[b]).collect();
+            let mut q_len = *lens.iter().max().unwrap();
+            let mut expect = Expect::Ok;
+            let mut kv_delta = [0usize; 2];
+            let mut q_delta = 0usize;
+            let mut cu: Vec<u32> = std::iter::once(0)
+                .chain(lens.iter().scan(0u32, |a, &l| {
+                    *a += l as u32;
+                    Some(*a)
+                }))
+                .collect();
+            match fault {
+                None => {}
+                Some((0, delta)) => {
+                    cu.extend(std::iter::repeat_n(*cu.last().unwrap(), delta));
+                    expect = invalid("cu_seqlens");
+                }
+                Some((1, delta)) => {
+                    for c in cu.iter_mut() {
+                        *c += delta as u32;
+                    }
+                    expect = invalid("cu_seqlens[0]");
+                }
+                Some((2, delta)) if batch > 1 => {
+                    // Sequence 1 ends before it starts.
+                    cu[2] = cu[1].saturating_sub(delta as u32);
+                    expect = invalid("cu_seqlens[2]");
+                }
+                Some((3, _)) if window > 1 => {
+                    lens[batch - 1] = window - 1;
+                    cu[batch] = cu[batch - 1] + lens[batch - 1] as u32;
+                    q_len = *lens.iter().max().unwrap();
+                    expect = if q_len < window {
+                        invalid("window")
+                    } else {
+                        invalid(format!("cu_seqlens[{batch}]"))
+                    };
+                }
+                Some((4, delta)) => {
+                    q_len += delta;
+                    expect = invalid("q_len");
+                }
+                Some((5, delta)) => {
+                    kv_delta[0] = delta;
+                    expect = invalid("k");
+                }
+                Some((6, delta)) => {
+                    kv_delta[1] = delta;
+                    expect = invalid("v");
+                }
+                Some((_, delta)) => {
+                    q_delta = delta;
+                    expect = invalid("queries");
+                }
+            }
+            let total = *cu.last().unwrap() as usize;
+            let kv = total * kv_heads * d;
+            let (k, v, q) = (
+                s.zeros::<bf16>(kv + kv_delta[0]).unwrap(),
+                s.zeros::<bf16>(kv + kv_delta[1]).unwrap(),
+                s.zeros::<bf16>(total * kv_heads * group * d + q_delta).unwrap(),
+            );
+            let prompt = Prompt {
+                k: &k,
+                v: &v,
+                queries: &q,
+                batch,
+                kv_heads,
+                group_size: group,
+                q_len,
+                head_dim: d,
+                packing: Packing::Varlen { cu_seqlens: &cu },
+            };
+            let opts = SelectOptions { window, pool_kernel: 1, ..SelectOptions::default() };
+            let budgets = vec![window as u32 + 3; batch * kv_heads];
+            let mut ws = SelectWorkspace::new();
+            p.call(expect, || compress(&s, &prompt, Budgets::PerRow(&budgets), &opts, &mut ws).map(|_| ()))?;
+            Ok(())
+        },
+    );
+}
+
 /// Expected Attention scores: shapes, lengths of every buffer, window, sink and epsilon out of
 /// range, one fault at a time or none; a valid call launches and the two kernels run.
 fn scores_expected_attention(b: &mut Battery) {
@@ -2521,6 +2624,7 @@ fn scores_expected_attention(b: &mut Battery) {
                 group_size: group,
                 q_len: q,
                 head_dim: d,
+                packing: Default::default(),
             };
             let (mb, cb) = (s.zeros::<f32>(mean).unwrap(), s.zeros::<f32>(cov).unwrap());
             let mut ob = s.zeros::<f32>(out).unwrap();
@@ -2626,6 +2730,7 @@ fn select_compress_into(b: &mut Battery) {
             group_size: 1,
             q_len: q,
             head_dim: d,
+            packing: Default::default(),
         };
         let layout =
             LayerLayout::new(2, 1, 70, vec![Segment::full(3, 20, 5), Segment::full(30, 40, 0)]).unwrap();

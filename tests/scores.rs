@@ -34,8 +34,17 @@ fn case<T: KvElem>(head_dim: usize, seed: u64) {
     }
     let (k, v, none) =
         (store.upload(&k_host).unwrap(), store.upload(&v_host).unwrap(), store.zeros::<T>(0).unwrap());
-    let prompt =
-        Prompt { k: &k, v: &v, queries: &none, batch, kv_heads, group_size: group, q_len: q, head_dim: d };
+    let prompt = Prompt {
+        k: &k,
+        v: &v,
+        queries: &none,
+        batch,
+        kv_heads,
+        group_size: group,
+        q_len: q,
+        head_dim: d,
+        packing: Default::default(),
+    };
     let (mean_b, cov_b) = (store.upload(&mean).unwrap(), store.upload(&cov).unwrap());
     let mut ws = ScoreWorkspace::new();
     for (use_cov, use_vnorm, sink) in [(true, true, 4usize), (false, true, 0), (true, false, 1)] {

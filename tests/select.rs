@@ -275,6 +275,7 @@ impl Bufs {
             group_size,
             q_len,
             head_dim,
+            packing: Default::default(),
         }
     }
 }

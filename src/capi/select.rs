@@ -8,7 +8,7 @@ use crate::cache::LayerCache;
 use crate::dtype::KvElem;
 use crate::error::{Error, Result};
 use crate::select::{
-    self, Budgets, GqaReduce, Granularity, Pool, Prompt, Score, SelectOptions, SelectWorkspace,
+    self, Budgets, GqaReduce, Granularity, Packing, Pool, Prompt, Score, SelectOptions, SelectWorkspace,
 };
 use crate::store::check_aligned;
 use std::ffi::{c_int, c_void};
@@ -124,12 +124,14 @@ pub unsafe extern "C" fn headwise_select_options_default(out: *mut HeadwiseSelec
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct HeadwisePrompt {
-    /// Keys after RoPE, `[batch][kv_heads][q_len][head_dim]`.
+    /// Keys after RoPE, `[batch][kv_heads][q_len][head_dim]` (packed: `[total][kv_heads]
+    /// [head_dim]`).
     pub k: *const c_void,
     /// Values, same shape as `k`.
     pub v: *const c_void,
     /// The last `window` queries of every query head, `[batch][kv_heads * group_size][window]
-    /// [head_dim]` (query head `h * group_size + g` belongs to KV head `h`).
+    /// [head_dim]` (query head `h * group_size + g` belongs to KV head `h`); packed: every
+    /// token's, `[total][kv_heads * group_size][head_dim]`.
     pub queries: *const c_void,
     /// Sequences.
     pub batch: usize,
@@ -137,8 +139,48 @@ pub struct HeadwisePrompt {
     pub kv_heads: usize,
     /// Query heads per KV head (1..=16).
     pub group_size: usize,
-    /// Prompt tokens per sequence.
+    /// Prompt tokens per sequence (packed: the longest sequence's).
     pub q_len: usize,
+    /// NULL: head-major, every sequence `q_len` tokens. Else the packed (token-major, flash-attn
+    /// varlen) form: host memory, `batch + 1` offsets, sequence `b` is tokens `cu_seqlens[b] ..
+    /// cu_seqlens[b + 1]`, the first 0, each length at least the window, `total` the last.
+    pub cu_seqlens: *const u32,
+}
+
+/// The prompt's form with the element counts its buffers must hold: k/v, and the queries
+/// when `queries_window` is `Some(window)` (`window` of them per query head head-major, every
+/// token's packed), else 0 (they are not read).
+///
+/// # Safety
+/// `p.cu_seqlens` NULL or `batch + 1` readable entries.
+unsafe fn prompt_form(
+    p: &HeadwisePrompt,
+    d: usize,
+    queries_window: Option<usize>,
+) -> Result<(Packing<'_>, usize, usize)> {
+    if p.cu_seqlens.is_null() {
+        let kv = product("batch * kv_heads * q_len * head_dim", &[p.batch, p.kv_heads, p.q_len, d])?;
+        let qn = match queries_window {
+            Some(window) => product(
+                "batch * kv_heads * group_size * window * head_dim",
+                &[p.batch, p.kv_heads, p.group_size, window, d],
+            )?,
+            None => 0,
+        };
+        return Ok((Packing::HeadMajor, kv, qn));
+    }
+    let entries = p.batch.checked_add(1).ok_or_else(|| Error::invalid("batch", "overflows"))?;
+    // SAFETY: the caller's promise on cu_seqlens.
+    let cu = unsafe { input(p.cu_seqlens, entries, "prompt.cu_seqlens") }?;
+    let total = cu[p.batch] as usize;
+    let kv = product("total tokens * kv_heads * head_dim", &[total, p.kv_heads, d])?;
+    let qn = match queries_window {
+        Some(_) => {
+            product("total tokens * kv_heads * group_size * head_dim", &[total, p.kv_heads, p.group_size, d])?
+        }
+        None => 0,
+    };
+    Ok((Packing::Varlen { cu_seqlens: cu }, kv, qn))
 }
 
 fn compress_typed<S: CStore, T: KvElem>(
@@ -150,16 +192,10 @@ fn compress_typed<S: CStore, T: KvElem>(
     given: Option<(*const f32, usize)>,
 ) -> Result<()> {
     let d = c.head_dim();
-    let kv = product("batch * kv_heads * q_len * head_dim", &[p.batch, p.kv_heads, p.q_len, d])?;
     // Only SnapKV reads the queries; the other scores take none (NULL is fine).
-    let qn = if given.is_none() && opts.score == Score::SnapKv {
-        product(
-            "batch * kv_heads * group_size * window * head_dim",
-            &[p.batch, p.kv_heads, p.group_size, opts.window, d],
-        )?
-    } else {
-        0
-    };
+    let reads_queries = given.is_none() && opts.score == Score::SnapKv;
+    // SAFETY: HeadwisePrompt's contract on cu_seqlens.
+    let (packing, kv, qn) = unsafe { prompt_form(p, d, reads_queries.then_some(opts.window)) }?;
     // The kernels' 16-byte check, made here so the error names the C field (`prompt.k`), not
     // the Rust one (`k`).
     for (field, ptr) in [("prompt.k", p.k), ("prompt.v", p.v), ("prompt.queries", p.queries)] {
@@ -182,6 +218,7 @@ fn compress_typed<S: CStore, T: KvElem>(
         group_size: p.group_size,
         q_len: p.q_len,
         head_dim: d,
+        packing,
     };
     match given {
         None => select::compress_into(c, &prompt, budgets, opts, ws),
@@ -344,7 +381,8 @@ fn expected_attention_typed<S: CStore, T: KvElem>(
     scores: (*mut f32, usize),
 ) -> Result<()> {
     let d = c.head_dim();
-    let kv = product("batch * kv_heads * q_len * head_dim", &[p.batch, p.kv_heads, p.q_len, d])?;
+    // SAFETY: HeadwisePrompt's contract on cu_seqlens.
+    let (packing, kv, _) = unsafe { prompt_form(p, d, None) }?;
     for (field, ptr) in [("prompt.k", p.k), ("prompt.v", p.v)] {
         check_aligned(field, ptr.addr() as u64)?;
     }
@@ -372,6 +410,7 @@ fn expected_attention_typed<S: CStore, T: KvElem>(
         group_size: p.group_size,
         q_len: p.q_len,
         head_dim: d,
+        packing,
     };
     crate::scores::expected_attention(c.store(), &prompt, &mean, cov.as_ref(), window, opts, &mut out, ws)
 }

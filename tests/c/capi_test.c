@@ -442,7 +442,7 @@ static void test_gpu_entry_points(HeadwiseStore *gpu) {
     HeadwiseQueryRing *ring = SENTINEL;
     HeadwiseRkvOptions rkv;
     OK(headwise_rkv_options_default(64, &rkv));
-    HeadwisePrompt prompt = {NULL, NULL, NULL, 1, 2, 1, 64};
+    HeadwisePrompt prompt = {NULL, NULL, NULL, 1, 2, 1, 64, NULL};
     uint32_t budgets[2] = {40, 40};
     char device_memory[16];
 
@@ -647,7 +647,7 @@ static void test_emulator(void) {
     HeadwiseSelectOptions opts;
     OK(headwise_select_options_default(&opts));
     opts.window = WIN;
-    HeadwisePrompt prompt = {pk, pv, pq, 1, KV, G, Q_LEN};
+    HeadwisePrompt prompt = {pk, pv, pq, 1, KV, G, Q_LEN, NULL};
     INVALID(headwise_cache_compress_into(cache, &prompt, &opts, budgets, 1), "budgets");
     OK(headwise_cache_compress_into(cache, &prompt, &opts, budgets, KV));
     Segs s = segments_of(cache);
@@ -766,7 +766,7 @@ static void test_emulator(void) {
     OK(headwise_cache_create(store, layout, HEADWISE_DTYPE_BF16, D, k5, v5, &knorm));
     float prefix_scores[KV * (Q_LEN - WIN)];
     for (int i = 0; i < KV * (Q_LEN - WIN); i++) prefix_scores[i] = (float)(i % (Q_LEN - WIN));
-    HeadwisePrompt no_queries = {pk, pv, NULL, 1, KV, G, Q_LEN};
+    HeadwisePrompt no_queries = {pk, pv, NULL, 1, KV, G, Q_LEN, NULL};
     HeadwiseSelectOptions unpooled = opts;
     unpooled.pool_kernel = 1;
     INVALID(headwise_cache_compress_into_scored(scored, &no_queries, &unpooled, prefix_scores, 3, budgets, KV), "scores");
@@ -786,6 +786,46 @@ static void test_emulator(void) {
     OK(headwise_cache_compress_into(knorm, &no_queries, &by_norm, budgets, KV));
     s = segments_of(knorm);
     CHECK(s.len[0] == budgets[0] && s.len[1] == budgets[1]);
+
+    /* The packed (token-major, cu_seqlens) form of the same prompt: K/V [Q_LEN][KV][D], every
+     * token's queries [Q_LEN][HEADS][D] (the window's are pq); the selection and the kept rows
+     * must be the head-major call's. */
+    {
+        uint16_t *tk = bf16_array((size_t)Q_LEN * KV * D, 0), *tv = bf16_array((size_t)Q_LEN * KV * D, 0);
+        uint16_t *tq = bf16_array((size_t)Q_LEN * HEADS * D, 1);
+        for (int t = 0; t < Q_LEN; t++)
+            for (int h = 0; h < KV; h++) {
+                memcpy(tk + ((size_t)t * KV + h) * D, pk + ((size_t)h * Q_LEN + t) * D, D * sizeof(uint16_t));
+                memcpy(tv + ((size_t)t * KV + h) * D, pv + ((size_t)h * Q_LEN + t) * D, D * sizeof(uint16_t));
+            }
+        for (int i = 0; i < WIN; i++)
+            for (int qh = 0; qh < HEADS; qh++)
+                memcpy(tq + ((size_t)(Q_LEN - WIN + i) * HEADS + qh) * D, pq + ((size_t)qh * WIN + i) * D,
+                       D * sizeof(uint16_t));
+        const uint32_t cu[2] = {0, Q_LEN}, cu_bad[2] = {1, Q_LEN + 1};
+        HeadwisePrompt packed = {tk, tv, tq, 1, KV, G, Q_LEN, cu};
+        HeadwisePrompt bad_first = {tk, tv, tq, 1, KV, G, Q_LEN, cu_bad};
+        HeadwisePrompt bad_longest = {tk, tv, tq, 1, KV, G, Q_LEN - 1, cu};
+        HeadwiseCache *hm = NULL, *tm = NULL;
+        uint16_t *k7 = bf16_array(total_rows * D, 0), *v7 = bf16_array(total_rows * D, 0);
+        uint16_t *k8 = bf16_array(total_rows * D, 0), *v8 = bf16_array(total_rows * D, 0);
+        OK(headwise_cache_create(store, layout, HEADWISE_DTYPE_BF16, D, k7, v7, &hm));
+        OK(headwise_cache_create(store, layout, HEADWISE_DTYPE_BF16, D, k8, v8, &tm));
+        INVALID(headwise_cache_compress_into(tm, &bad_first, &opts, budgets, KV), "cu_seqlens[0]");
+        INVALID(headwise_cache_compress_into(tm, &bad_longest, &opts, budgets, KV), "q_len");
+        OK(headwise_cache_compress_into(hm, &prompt, &opts, budgets, KV));
+        OK(headwise_cache_compress_into(tm, &packed, &opts, budgets, KV));
+        OK(headwise_store_synchronize(store));
+        Segs a = segments_of(hm), b = segments_of(tm);
+        for (int h = 0; h < KV; h++) {
+            CHECK(a.len[h] == budgets[h] && b.len[h] == a.len[h]);
+            CHECK(memcmp(k7 + a.offset[h] * D, k8 + b.offset[h] * D, a.len[h] * D * sizeof(uint16_t)) == 0);
+            CHECK(memcmp(v7 + a.offset[h] * D, v8 + b.offset[h] * D, a.len[h] * D * sizeof(uint16_t)) == 0);
+        }
+        OK(headwise_cache_free(hm));
+        OK(headwise_cache_free(tm));
+        free(k7), free(v7), free(k8), free(v8), free(tk), free(tv), free(tq);
+    }
 
     /* Expected Attention scores (random mean, a small diagonal-plus-noise covariance) vs the C
      * reference above, then selection on them keeps each head's sinks. */

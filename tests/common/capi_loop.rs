@@ -159,6 +159,7 @@ pub fn decode_loop_matches_the_rust_api<S: CStoreUnderTest, T: KvElem>(
             kv_heads: KV_HEADS,
             group_size: G,
             q_len: Q_LEN,
+            cu_seqlens: std::ptr::null(),
         };
         ok(headwise_cache_compress_into(cache, &prompt, &opts, budgets.as_ptr(), budgets.len()));
         ok(headwise_query_ring_create(c_store, dtype, heads, 8, D, &mut ring));
@@ -219,6 +220,7 @@ pub fn decode_loop_matches_the_rust_api<S: CStoreUnderTest, T: KvElem>(
         group_size: G,
         q_len: Q_LEN,
         head_dim: D,
+        packing: Default::default(),
     };
     select::compress_into(
         &mut cache_r,

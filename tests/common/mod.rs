@@ -7,6 +7,7 @@ use proptest::prelude::*;
 
 #[cfg(feature = "capi")]
 pub mod capi_loop;
+pub mod packed;
 pub mod select;
 
 /// One segment of a random layout: its mode and initial length (Full) plus headroom.
@@ -387,6 +388,7 @@ pub fn select_scenario_on<S: Store, T: KvElem>(
         group_size: g,
         q_len: q,
         head_dim: d,
+        packing: Default::default(),
     };
     let budgets = match &case.budgets {
         CaseBudgets::PerRow(b) => Budgets::PerRow(b),

@@ -374,6 +374,7 @@ impl<S: Store, T: KvElem> PromptBufs<S, T> {
             group_size: case.group,
             q_len: case.q,
             head_dim: case.head_dim,
+            packing: Default::default(),
         }
     }
 }
@@ -590,8 +591,17 @@ pub fn key_norm_and_given_scores<S: Store, T: KvElem>(store: &S, head_dim: usize
     let v_host = values::<T>(seed ^ 0x55, segments * q * head_dim, 1.0);
     let (k, v, none) =
         (store.upload(&k_host).unwrap(), store.upload(&v_host).unwrap(), store.zeros::<T>(0).unwrap());
-    let prompt =
-        Prompt { k: &k, v: &v, queries: &none, batch, kv_heads, group_size: group, q_len: q, head_dim };
+    let prompt = Prompt {
+        k: &k,
+        v: &v,
+        queries: &none,
+        batch,
+        kv_heads,
+        group_size: group,
+        q_len: q,
+        head_dim,
+        packing: Default::default(),
+    };
     for granularity in [Granularity::KvHead, Granularity::QueryHead] {
         let g = if granularity == Granularity::QueryHead { group } else { 1 };
         let rows = segments * g;

@@ -377,6 +377,7 @@ fn cache_compress_into(b: &mut Battery) {
                         group_size: group,
                         q_len,
                         head_dim: D,
+                        packing: Default::default(),
                     };
                     let rust = expect_of(compress_into(
                         &mut pair.rust,
@@ -403,6 +404,7 @@ fn cache_compress_into(b: &mut Battery) {
                 kv_heads,
                 group_size: group,
                 q_len,
+                cu_seqlens: std::ptr::null(),
             };
             // SAFETY: the prompt's memory holds the sizes it states (+16 bytes); live cache.
             p.c_call(expect, || unsafe {
@@ -462,6 +464,7 @@ fn cache_expected_attention_scores(b: &mut Battery) {
                     group_size: group,
                     q_len: q,
                     head_dim: D,
+                    packing: Default::default(),
                 };
                 let (rm, rc) = (EmuBuf::<f32>::zeros(mean).unwrap(), EmuBuf::<f32>::zeros(cov).unwrap());
                 let mut ro = EmuBuf::<f32>::zeros(out).unwrap();
@@ -497,6 +500,7 @@ fn cache_expected_attention_scores(b: &mut Battery) {
                 kv_heads,
                 group_size: group,
                 q_len: q,
+                cu_seqlens: std::ptr::null(),
             };
             let c_opts = HeadwiseExpectedAttentionOptions {
                 sink: sink as u32,
