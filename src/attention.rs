@@ -82,8 +82,9 @@ pub struct AttentionOptions {
     pub chunk_tokens: Option<u32>,
 }
 
-/// Scratch memory for split segments (partial outputs and LSEs), reused across calls and grown
-/// on demand, so a decode loop allocates it once.
+/// Scratch memory for split segments (partial outputs and LSEs) and, for
+/// [`LayerCache::attention_with_mass`] without a caller LSE, the LSE the mass kernel reads;
+/// reused across calls and grown on demand, so a decode loop allocates it once.
 ///
 /// The scratch belongs to the store that allocated it: used with a cache of another store (on
 /// the GPU, another device), the workspace frees it and allocates it again there rather than
