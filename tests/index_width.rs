@@ -7,16 +7,15 @@
 //!
 //! 1. `largest_cache_launches_fit_hardware_limits`: every operation (append, decode attention
 //!    with its split merge, H2O mass and eviction, SnapKV/AdaKV selection, R-KV eviction, query
-//!    push, relayout) is
-//!    planned on that cache through a store that records launches instead of running them, and
-//!    every grid, block and dynamic shared-memory size must be within sm_90 limits.
+//!    push, relayout) is planned on that cache through a store that records launches instead of
+//!    running them, and every grid, block and dynamic shared-memory size must be within sm_90
+//!    limits.
 //! 2. `kernels_address_rows_past_32_bit_offsets`: the emulator runs the kernels on a layout
 //!    whose second segment sits at the far end of a 2^25-row buffer (byte offsets near 2^34;
 //!    the buffers are allocated lazily, so only the touched rows cost memory) and on the same
 //!    layout packed at offset 0; every output must agree bit for bit. An offset formed in 32
 //!    bits anywhere (gather, append, attention, H2O mass or eviction, R-KV scoring or compaction)
-//!    reads or writes
-//!    another row and breaks the equality.
+//!    reads or writes another row and breaks the equality.
 #![cfg(feature = "emulator")]
 
 mod common;
