@@ -201,3 +201,30 @@ fn a_nan_key_makes_only_its_segments_mass_nan() {
     let kept = hws.kept(&EmuStore).unwrap();
     assert_eq!(kept[0], (0, (0..6).chain(26..30).collect()));
 }
+
+/// Segments long enough for the planner to split them on its own (no forced chunk), as the GPU
+/// test runs them, with a wrapped ring.
+#[test]
+fn planner_split_long_segments() {
+    let case = H2oCase {
+        batch: 2,
+        kv_heads: 2,
+        group: 8,
+        head_dim: 128,
+        segs: vec![
+            H2oSeg::Full { len: 2000 },
+            H2oSeg::Streaming { sink: 4, window: 64, fill: 68, ring_head: 17 },
+            H2oSeg::Full { len: 700 },
+            H2oSeg::Full { len: 1500 },
+        ],
+        steps: (3, 2),
+        opts: H2oOptions { budget: 1024, recent: 64 },
+        chunk_tokens: None,
+        with_lse: false,
+        seed: 9,
+    };
+    let layout = common::h2o::h2o_layout(&case);
+    assert!(headwise::attention::plan(&layout, EmuStore.sm_count()).max_splits > 1, "must be split");
+    let out = h2o_scenario::<_, bf16>(&EmuStore, &case);
+    assert_eq!(out.kept[0].iter().map(Option::is_some).collect::<Vec<_>>(), vec![true, false, false, true]);
+}
