@@ -242,6 +242,41 @@ typedef struct HwScoreParams {
     int32_t use_vnorm;
 } HwScoreParams;
 
+/* H2O-style accumulated attention mass (cuda/heavy_hitters.cu). mass: [total_rows] f32, one
+ * entry per cache row, indexed like the K/V rows (the row SegmentView gives for a segment's
+ * logical token), so a Streaming ring slot's entry follows the slot.
+ *
+ * mass kernel (after decode attention and its merge): for each token t of segment s, row r,
+ *   mass[r] += sum over g < group_size of exp2(scale_log2 * q[s * G + g] . k[r] - lse[s * G + g] * log2(e))
+ * with lse the decode attention's natural-log LSE ([num_segments * group_size] f32). Grid
+ * (num_segments, ceil(max_len / tokens_per_block)); block y covers tokens
+ * [y * tokens_per_block, (y + 1) * tokens_per_block) of each segment; one thread adds to each row.
+ *
+ * evict kernel: one block per target segment targets[x] (Full, len L > budget): the
+ * budget - recent best-mass tokens among the n = L - recent older ones (order-preserving keys
+ * in keys [num_targets][max_len], NaN lowest, ties to the lower position) plus the recent
+ * newest, kept positions ascending in kept [num_targets][budget]; K, V and mass rows compacted
+ * in place in position order, mass of the freed rows budget .. L zeroed, len set to budget. */
+typedef struct HwH2oParams {
+    const void* q;
+    void* k_cache;
+    void* v_cache;
+    HwSegmentTable seg;
+    const float* lse;
+    float* mass;
+    const int32_t* targets;
+    uint32_t* keys;
+    int32_t* kept;
+    int32_t num_targets;
+    int32_t group_size;
+    int32_t head_dim;
+    int32_t tokens_per_block;
+    int32_t budget;
+    int32_t recent;
+    int32_t max_len;
+    float scale_log2;
+} HwH2oParams;
+
 /* Launch geometry handed to the emulator (the GPU path passes the same numbers to the driver). */
 typedef struct HwLaunch {
     uint32_t grid_x, grid_y, grid_z;

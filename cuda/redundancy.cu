@@ -12,10 +12,11 @@
 //   select       one block per target: column means, softmax over all L columns (R), max-pooled
 //                importance (A), score lambda * A - (1 - lambda) * R, radix top-(budget - alpha)
 //                of the candidates plus the alpha window tokens, then the in-place compaction
-//                and the new len.
+//                (compact.cuh, shared with the H2O eviction) and the new len.
 //   query_push   the ring update of every decode step (one query per query head).
 // All reductions run in a fixed order and the top-k uses integer atomics only: the same inputs
 // keep the same tokens on every run.
+#include "compact.cuh"
 #include "compat.cuh"
 #include "dtype.cuh"
 #include "params.h"
@@ -233,8 +234,6 @@ __device__ float block_reduce(float v, Op op) {
 
 template <int D>
 __device__ void rkv_select_body(const HwRkvParams& p) {
-    constexpr int VPR = D / kElemsPerVec;
-    constexpr int kRowsPerStep = kTopThreads / VPR;
     const int tgt = blockIdx.x;
     const int32_t s = p.targets[tgt];
     const SegmentView seg = SegmentView::load(p.seg, s);
@@ -273,27 +272,7 @@ __device__ void rkv_select_body(const HwRkvParams& p) {
     for (int32_t i = tid; i < p.alpha; i += kTopThreads) kept[k + i] = n + i;
     __syncthreads();
 
-    // In-place compaction. kept[] ascends with kept[r] >= r, so a destination row never holds
-    // a source of a later step; within a step a destination may be another lane's source, so
-    // every lane reads before any lane writes.
-    for (int32_t r0 = 0; r0 < p.budget; r0 += kRowsPerStep) {
-        const int32_t rr = r0 + tid / VPR;
-        const int c = tid % VPR;
-        const bool live = rr < p.budget;
-        uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
-        if (live) {
-            const int64_t from = seg.row(kept[rr]);
-            kv = ld_global(row_vec(p.k_cache, from, D) + c);
-            vv = ld_global(row_vec(p.v_cache, from, D) + c);
-        }
-        __syncthreads();
-        if (live) {
-            const int64_t to = seg.row(rr);
-            st_global(row_vec(p.k_cache, to, D) + c, kv);
-            st_global(row_vec(p.v_cache, to, D) + c, vv);
-        }
-        __syncthreads();
-    }
+    compact_rows<D>(p.k_cache, p.v_cache, nullptr, seg, kept, p.budget);
     if (tid == 0) p.seg.len[s] = p.budget;
 }
 

@@ -8,7 +8,8 @@
 //! budget), PyramidKV (per-layer budgets), HeadKV-R2 (per-head budgets
 //! from the authors' Llama-3-8B score file when ../shared/data is present, else synthetic
 //! scores), AdaKV (budgets allocated on the device), R-KV (eviction during the decode, from the
-//! full prompt), and RLKV mixed heads (Full + 16 sink/64 recent Streaming heads from RLKV's
+//! full prompt), H2O (attention mass accumulated by the decode attention, eviction by it), and
+//! RLKV mixed heads (Full + 16 sink/64 recent Streaming heads from RLKV's
 //! Llama-3.1-8B-R1 gate file, else synthetic gates).
 //!
 //! Data: synthetic, with structure. Each prompt has a few "needle" tokens and a strong recency
@@ -19,6 +20,7 @@
 //! it says which.
 
 use half::bf16;
+use headwise::heavy_hitters::{H2oOptions, H2oWorkspace, evict_by_mass};
 use headwise::policy::budget::{self, HeadKvOptions};
 use headwise::policy::head_scores::HeadScores;
 use headwise::policy::heads::{FullHeads, HeadGates, StreamingSize};
@@ -230,10 +232,28 @@ enum Prefill {
 }
 
 /// A method's layer cache at the start of decoding. R-KV also carries its query ring, its
-/// workspace and the prompt position of every cached token (for the needle count).
+/// workspace and the prompt position of every cached token (for the needle count); H2O its
+/// mass buffer, workspace and positions.
 struct Decoding<S: Store> {
     cache: LayerCache<S, bf16>,
     rkv: Option<RkvState<S>>,
+    h2o: Option<H2oState<S>>,
+}
+
+/// H2O's accumulated mass (one f32 per cache row), workspace, and the prompt/decode position of
+/// every cached token per segment.
+type H2oState<S> = (<S as Store>::Buf<f32>, H2oWorkspace<S>, Vec<Vec<usize>>);
+
+/// Prompt queries per head that seed H2O's mass before decoding (the authors accumulate over the
+/// whole prefill; the last few queries stand in for it here, as R-KV's ring does).
+const H2O_SEED_QUERIES: usize = 8;
+
+/// Applies an eviction's kept positions (per compacted segment) to the token positions.
+fn keep_positions(positions: &mut [Vec<usize>], kept: Vec<(usize, Vec<u32>)>) {
+    for (s, kept) in kept {
+        let before = &positions[s];
+        positions[s] = kept.iter().map(|&i| before[i as usize]).collect();
+    }
 }
 
 /// R-KV's ring, workspace, and the prompt/decode position of every cached token per segment.
@@ -364,6 +384,7 @@ fn run<S: Store>(
         &HeadKvOptions::default(),
     )?;
     let rkv_opts = RkvOptions::new(size.budget as usize);
+    let h2o_opts = H2oOptions { budget: size.budget as usize, recent: WINDOW };
     let n = size.batch * KV_HEADS;
     let labels: Vec<String> = [
         "full cache",
@@ -374,6 +395,7 @@ fn run<S: Store>(
         "KNorm (-|k|, uniform)",
         "Expected Attention (uniform)",
         "R-KV (evicts while decoding)",
+        "H2O (accumulated mass)",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -389,16 +411,16 @@ fn run<S: Store>(
         let data = layer_data(&size, layer, &retrieval);
         let all = FullHeads::all_full(gates.layers(), KV_HEADS)?;
         let mut methods: Vec<Decoding<S>> = Vec::new();
-        let mut add = |row: &mut Row, cache, retained: usize, prefill: Option<f64>, rkv| {
+        let mut add = |row: &mut Row, cache, retained: usize, prefill: Option<f64>, rkv, h2o| {
             row.needles.0 += retained;
             row.needles.1 += n * NEEDLES;
             if let Some(ms) = prefill {
                 *row.prefill_ms.get_or_insert(0.0) += ms;
             }
-            methods.push(Decoding { cache, rkv });
+            methods.push(Decoding { cache, rkv, h2o });
         };
         let (full, retained) = build_layer(store, &size, &all, layer, &data.tokens)?;
-        add(&mut rows[0], full, retained, None, None);
+        add(&mut rows[0], full, retained, None, None, None);
         for (i, m) in [
             Prefill::Snap,
             Prefill::Pyramid,
@@ -414,7 +436,7 @@ fn run<S: Store>(
             let t = Instant::now();
             let (cache, retained) = compress_layer(store, &size, &data, layer, m, &headkv_caps)?;
             sync(store);
-            add(&mut rows[1 + i], cache, retained, Some(t.elapsed().as_secs_f64() * 1e3), None);
+            add(&mut rows[1 + i], cache, retained, Some(t.elapsed().as_secs_f64() * 1e3), None, None);
             eprint!(".");
         }
         // R-KV: the full prompt, then evictions during the decode. The ring starts with the
@@ -430,10 +452,44 @@ fn run<S: Store>(
             ring.push(&store.upload(&q)?)?;
         }
         let positions = vec![(0..size.prompt).collect::<Vec<usize>>(); n];
-        add(&mut rows[7], cache, 0, None, Some((ring, RkvWorkspace::new(), positions)));
+        add(&mut rows[7], cache, 0, None, Some((ring, RkvWorkspace::new(), positions)), None);
+        // H2O: the full prompt, its mass seeded by the prompt's last queries (each attends over the
+        // whole prompt, a decode-style step), then evicted to the budget by mass; during the
+        // decode the attention accumulates mass and each step evicts back to the budget.
+        let (cache, _) = build_layer(store, &size, &all, layer, &data.tokens)?;
+        sync(store);
+        let t = Instant::now();
+        let mut mass = store.zeros::<f32>(cache.layout().total_rows())?;
+        let mut seed_ws = AttentionWorkspace::new();
+        let mut seed_out = store.zeros::<bf16>(n * GROUP * HEAD_DIM)?;
+        for i in WINDOW - H2O_SEED_QUERIES..WINDOW {
+            let q: Vec<bf16> = (0..n * GROUP)
+                .flat_map(|h| {
+                    data.window_q[(h * WINDOW + i) * HEAD_DIM..(h * WINDOW + i + 1) * HEAD_DIM].to_vec()
+                })
+                .collect();
+            let opts = AttentionOptions::default();
+            cache.attention_with_mass(
+                &store.upload(&q)?,
+                GROUP,
+                &mut seed_out,
+                None,
+                &mut seed_ws,
+                &opts,
+                &mut mass,
+            )?;
+        }
+        let mut cache = cache;
+        let mut hws = H2oWorkspace::new();
+        evict_by_mass(&mut cache, &mut mass, &h2o_opts, &mut hws)?;
+        let mut positions = vec![(0..size.prompt).collect::<Vec<usize>>(); n];
+        keep_positions(&mut positions, hws.kept(store)?);
+        sync(store);
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        add(&mut rows[8], cache, 0, Some(ms), None, Some((mass, hws, positions)));
         for (i, &sp) in SPARSITIES.iter().enumerate() {
             let (cache, retained) = build_layer(store, &size, &gates.select_full(sp)?, layer, &data.tokens)?;
-            add(&mut rows[8 + i], cache, retained, None, None);
+            add(&mut rows[9 + i], cache, retained, None, None, None);
         }
         eprint!(" decode");
 
@@ -455,20 +511,20 @@ fn run<S: Store>(
                     ring.push(&dq)?;
                     let done = evict(&mut m.cache, ring, GROUP, &rkv_opts, RkvTrigger::Threshold, rws)?;
                     if done.iter().any(|&d| d) {
-                        for (s, kept) in rws.kept(store)? {
-                            let before = &positions[s];
-                            positions[s] = kept.iter().map(|&i| before[i as usize]).collect();
-                        }
+                        keep_positions(positions, rws.kept(store)?);
                     }
                 }
-                m.cache.attention(
-                    &dq,
-                    GROUP,
-                    &mut outs[i],
-                    None,
-                    &mut ws[i],
-                    &AttentionOptions::default(),
-                )?;
+                let opts = AttentionOptions::default();
+                if let Some((mass, hws, positions)) = &mut m.h2o {
+                    for p in positions.iter_mut() {
+                        p.push(size.prompt + step);
+                    }
+                    m.cache.attention_with_mass(&dq, GROUP, &mut outs[i], None, &mut ws[i], &opts, mass)?;
+                    evict_by_mass(&mut m.cache, mass, &h2o_opts, hws)?;
+                    keep_positions(positions, hws.kept(store)?);
+                } else {
+                    m.cache.attention(&dq, GROUP, &mut outs[i], None, &mut ws[i], &opts)?;
+                }
                 sync(store);
                 rows[i].ms += t.elapsed().as_secs_f64() * 1e3;
             }
@@ -490,12 +546,18 @@ fn run<S: Store>(
             err_n += n * GROUP;
             eprint!(".");
         }
-        if let Some((_, _, positions)) = &methods[7].rkv {
-            rows[7].needles.0 += positions
+        let needles = |positions: &[Vec<usize>]| -> usize {
+            positions
                 .iter()
                 .zip(&data.tokens)
                 .map(|(p, t)| t.needles.iter().filter(|x| p.contains(x)).count())
-                .sum::<usize>();
+                .sum()
+        };
+        if let Some((_, _, positions)) = &methods[7].rkv {
+            rows[7].needles.0 += needles(positions);
+        }
+        if let Some((_, _, positions)) = &methods[8].h2o {
+            rows[8].needles.0 += needles(positions);
         }
         for (row, m) in rows.iter_mut().zip(&methods) {
             row.bytes += 2 * m.cache.layout().rows_in_use() * (HEAD_DIM * bf16::DTYPE.size()) as u64;
@@ -524,7 +586,8 @@ fn run<S: Store>(
     println!(
         "KV bytes: K + V rows in use after the decode steps. attn rel err: mean over query heads and steps of \
          |o - o_full| / |o_full|. needles: needle tokens still cached. prefill ms/L: compression of the prompt, \
-         per layer. ms/step/L: append + attention (+ ring push and eviction for R-KV) per layer; host timing{}.",
+         per layer (H2O: mass seeded by the prompt's last {H2O_SEED_QUERIES} queries, then evicted). ms/step/L: append + \
+         attention (+ ring push and eviction for R-KV; + mass and eviction for H2O) per layer; host timing{}.",
         if std::any::type_name::<S>().contains("Emu") {
             " of the CPU emulator (not GPU speed)"
         } else {

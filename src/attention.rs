@@ -22,7 +22,7 @@ use crate::dtype::KvElem;
 use crate::error::{Error, Result};
 use crate::kernels::{launch_1d, lookup};
 use crate::layout::{DeviceTable, LayerLayout};
-use crate::params::{HwAttentionParams, HwLaunch};
+use crate::params::{HwAttentionParams, HwH2oParams, HwLaunch};
 use crate::store::{KernelParams, Store, check_aligned};
 
 // SAFETY: generated from cuda/params.h (repr(C) plain data); the attention and merge kernels
@@ -42,6 +42,8 @@ pub const MAX_SPLITS: u32 = 65535;
 const BLOCKS_PER_SM: usize = 4;
 const THREADS: u32 = 128;
 const HEADS_PER_MERGE_BLOCK: usize = 4;
+/// Tokens per block of the mass kernel (cuda/heavy_hitters.cu).
+const MASS_TOKENS: usize = 256;
 
 /// How one attention launch is split.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,8 +82,9 @@ pub struct AttentionOptions {
     pub chunk_tokens: Option<u32>,
 }
 
-/// Scratch memory for split segments (partial outputs and LSEs), reused across calls and grown
-/// on demand, so a decode loop allocates it once.
+/// Scratch memory for split segments (partial outputs and LSEs) and, for
+/// [`LayerCache::attention_with_mass`] without a caller LSE, the LSE the mass kernel reads;
+/// reused across calls and grown on demand, so a decode loop allocates it once.
 ///
 /// The scratch belongs to the store that allocated it: used with a cache of another store (on
 /// the GPU, another device), the workspace frees it and allocates it again there rather than
@@ -89,11 +92,13 @@ pub struct AttentionOptions {
 pub struct AttentionWorkspace<S: Store> {
     partial_out: Option<S::Buf<f32>>,
     partial_lse: Option<S::Buf<f32>>,
+    /// The LSE the mass kernel reads when the caller asks for mass but not for the LSE.
+    mass_lse: Option<S::Buf<f32>>,
 }
 
 impl<S: Store> Default for AttentionWorkspace<S> {
     fn default() -> Self {
-        AttentionWorkspace { partial_out: None, partial_lse: None }
+        AttentionWorkspace { partial_out: None, partial_lse: None, mass_lse: None }
     }
 }
 
@@ -111,6 +116,17 @@ impl<S: Store> AttentionWorkspace<S> {
         }
         if self.partial_lse.as_ref().is_none_or(|b| unusable(b, lse_elems)) {
             self.partial_lse = Some(store.zeros(lse_elems)?);
+        }
+        Ok(())
+    }
+
+    fn ensure_mass_lse(&mut self, store: &S, heads: usize) -> Result<()> {
+        if self
+            .mass_lse
+            .as_ref()
+            .is_none_or(|b| S::len(b) < heads || store.check_buf("workspace", b).is_err())
+        {
+            self.mass_lse = Some(store.zeros(heads.max(1))?);
         }
         Ok(())
     }
@@ -137,6 +153,73 @@ impl<S: Store, T: KvElem> LayerCache<S, T> {
         lse: Option<&mut S::Buf<f32>>,
         workspace: &mut AttentionWorkspace<S>,
         opts: &AttentionOptions,
+    ) -> Result<()> {
+        self.attend(q, group_size, out, lse, workspace, opts, None)
+    }
+
+    /// [`LayerCache::attention`], and then H2O's accumulated attention mass: every cached
+    /// token's entry of `mass` gets the softmax probability the token received in this step,
+    /// summed over the `group_size` query heads of its KV head (H2O / kvpress accumulate over
+    /// the group). Output and LSE are exactly those of [`LayerCache::attention`] (same kernels);
+    /// one more small kernel (`cuda/heavy_hitters.cu`) then recomputes `q . k` per token and
+    /// query head against the final LSE, which a split segment knows only after the merge. It
+    /// reads K once more: about half the bytes of the attention itself.
+    ///
+    /// `mass` is f32, one entry per cache row (`layout().total_rows()`), indexed like the K/V
+    /// rows: the entry of a segment's logical token is at the row that token lives in. Start it
+    /// from zeros; entries of rows no token occupies are not touched. A `Streaming` segment's
+    /// entries follow its ring slots: the token that overwrites the oldest slot inherits that
+    /// slot's mass (Streaming segments are never evicted by mass). The eviction
+    /// [`crate::heavy_hitters::evict_by_mass`] moves the entries with their rows and zeroes the
+    /// freed ones; other compactions ([`crate::redundancy::evict`], [`LayerCache::regrow`]) do
+    /// not know about `mass`, so reset it after them. Each entry is written by one thread in a
+    /// fixed order: the same inputs give the same mass bit for bit. Non-finite inputs are not
+    /// filtered: a head whose LSE is NaN makes the mass of every token of its segment NaN.
+    ///
+    /// Errors before any launch: those of [`LayerCache::attention`], and a `mass` buffer whose
+    /// length is not `total_rows`.
+    ///
+    /// ```
+    /// use headwise::{AttentionOptions, AttentionWorkspace, EmuStore, LayerCache, LayoutBuilder, Store};
+    /// use half::bf16;
+    /// // One sequence, one KV head of 3 tokens, group of 2 query heads, head_dim 64.
+    /// let layout = LayoutBuilder::new(1, 1).full(0, 0, 3).build()?;
+    /// let rows = layout.total_rows();
+    /// let cache = LayerCache::<_, bf16>::new(&EmuStore, layout, 64)?;
+    /// let q = EmuStore.upload(&vec![bf16::ONE; 2 * 64])?;
+    /// let mut out = EmuStore.zeros::<bf16>(2 * 64)?;
+    /// let mut mass = EmuStore.zeros::<f32>(rows)?;
+    /// let mut ws = AttentionWorkspace::new();
+    /// cache.attention_with_mass(&q, 2, &mut out, None, &mut ws, &AttentionOptions::default(), &mut mass)?;
+    /// // All-zero keys: each head spreads probability 1/3 over the 3 tokens; 2 heads.
+    /// let m = EmuStore.download(&mass)?;
+    /// assert!(m[..3].iter().all(|&x| (x - 2.0 / 3.0).abs() < 1e-6));
+    /// # Ok::<(), headwise::Error>(())
+    /// ```
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_with_mass(
+        &self,
+        q: &S::Buf<T>,
+        group_size: usize,
+        out: &mut S::Buf<T>,
+        lse: Option<&mut S::Buf<f32>>,
+        workspace: &mut AttentionWorkspace<S>,
+        opts: &AttentionOptions,
+        mass: &mut S::Buf<f32>,
+    ) -> Result<()> {
+        self.attend(q, group_size, out, lse, workspace, opts, Some(mass))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        q: &S::Buf<T>,
+        group_size: usize,
+        out: &mut S::Buf<T>,
+        lse: Option<&mut S::Buf<f32>>,
+        workspace: &mut AttentionWorkspace<S>,
+        opts: &AttentionOptions,
+        mass: Option<&mut S::Buf<f32>>,
     ) -> Result<()> {
         let d = self.head_dim();
         if group_size == 0 || group_size > MAX_GROUP {
@@ -186,10 +269,30 @@ impl<S: Store, T: KvElem> LayerCache<S, T> {
                 format!("{} gives {} chunks, at most {MAX_SPLITS}", plan.chunk_tokens, plan.max_splits),
             ));
         }
+        if let Some(m) = mass.as_deref() {
+            let rows = self.layout().total_rows();
+            if S::len(m) != rows {
+                return Err(Error::invalid(
+                    "mass",
+                    format!("{} elements, expected one per cache row (total_rows {rows})", S::len(m)),
+                ));
+            }
+            self.store().check_buf("mass", m)?;
+        }
         let splits = plan.max_splits as usize;
         if splits > 1 {
             workspace.ensure(self.store(), heads * splits * d, heads * splits)?;
         }
+        // The mass kernel needs the final LSE: the caller's, or the workspace's.
+        let mut lse = lse;
+        if mass.is_some() && lse.is_none() {
+            workspace.ensure_mass_lse(self.store(), heads)?;
+            lse = workspace.mass_lse.as_mut();
+        }
+        let mass_kernel = match mass {
+            Some(_) => Some(lookup(&format!("hw_h2o_mass_{}_d{d}", T::DTYPE.name()), "head_dim")?),
+            None => None,
+        };
 
         let name =
             |kind: &str, bucket: String| format!("hw_attention{kind}_{}_d{d}{bucket}", T::DTYPE.name());
@@ -233,6 +336,37 @@ impl<S: Store, T: KvElem> LayerCache<S, T> {
             let cfg = launch_1d(heads.div_ceil(HEADS_PER_MERGE_BLOCK), THREADS, 0);
             // SAFETY: as above; the merge reads only the workspace rows the first kernel wrote.
             unsafe { store.launch(merge, &cfg, &params)? };
+        }
+        if let (Some(kernel), Some(m)) = (mass_kernel, mass) {
+            let max_len = self.layout().segments().iter().map(|s| s.len as usize).max().unwrap_or(0);
+            // Blocks of MASS_TOKENS tokens, larger when a segment would need more than the
+            // grid's y limit (65535) of them.
+            let per_block = MASS_TOKENS.max(max_len.div_ceil(MAX_SPLITS as usize));
+            let mp = HwH2oParams {
+                q: params.q,
+                k_cache: params.k_cache as *mut _,
+                v_cache: std::ptr::null_mut(),
+                seg: params.seg,
+                lse: params.lse as *const f32,
+                mass: store.addr_mut("mass", m, &mut pins)? as *mut f32,
+                targets: std::ptr::null(),
+                keys: std::ptr::null_mut(),
+                kept: std::ptr::null_mut(),
+                num_targets: 0,
+                group_size: group_size as i32,
+                head_dim: d as i32,
+                tokens_per_block: per_block as i32,
+                budget: 0,
+                recent: 0,
+                max_len: max_len as i32,
+                scale_log2: params.scale_log2,
+            };
+            let cfg =
+                HwLaunch { grid_y: max_len.div_ceil(per_block).max(1) as u32, ..launch_1d(n, THREADS, 0) };
+            // SAFETY: as above; the kernel only reads K (never writes it, whatever the pointer's
+            // type), reads lse ([num_segments * G], written by the launches before) and adds to
+            // mass entries of segment rows, each < total_rows = the checked length of mass.
+            unsafe { store.launch(kernel, &cfg, &mp)? };
         }
         drop(pins);
         Ok(())

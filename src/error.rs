@@ -53,7 +53,8 @@ pub enum Error {
     /// invariant checks are on ([`crate::invariants`]); it means a bug in headwise.
     #[error("invariant violated after {operation}: {detail}")]
     Invariant {
-        /// The operation that was checked (`select::compress`, `redundancy::evict`, `regrow`).
+        /// The operation that was checked (`select::compress`, `redundancy::evict`,
+        /// `heavy_hitters::evict_by_mass`, `regrow`).
         operation: &'static str,
         /// What was found.
         detail: String,

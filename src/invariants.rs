@@ -1,7 +1,8 @@
 //! "Nothing lost" checks after every compaction, as a debug mode users can switch on.
 //!
 //! When enabled, [`crate::select::compress`], [`crate::select::compress_into`],
-//! [`crate::redundancy::evict`] and [`crate::LayerCache::regrow`] verify their result on the
+//! [`crate::redundancy::evict`], [`crate::heavy_hitters::evict_by_mass`] and
+//! [`crate::LayerCache::regrow`] verify their result on the
 //! host after the launch and return [`Error::Invariant`] if a guarantee is broken:
 //! - a selection is ascending, holds every window token, and has exactly `min(budget, len)`
 //!   positions ([`check_selection`]);

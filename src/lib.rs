@@ -21,6 +21,7 @@ pub mod emu;
 pub mod error;
 #[cfg(feature = "cuda")]
 pub mod gpu;
+pub mod heavy_hitters;
 pub mod invariants;
 mod kernels;
 pub mod layout;

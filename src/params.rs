@@ -614,6 +614,92 @@ impl Default for HwScoreParams {
     }
 }
 #[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct HwH2oParams {
+    pub q: *const ::core::ffi::c_void,
+    pub k_cache: *mut ::core::ffi::c_void,
+    pub v_cache: *mut ::core::ffi::c_void,
+    pub seg: HwSegmentTable,
+    pub lse: *const f32,
+    pub mass: *mut f32,
+    pub targets: *const i32,
+    pub keys: *mut u32,
+    pub kept: *mut i32,
+    pub num_targets: i32,
+    pub group_size: i32,
+    pub head_dim: i32,
+    pub tokens_per_block: i32,
+    pub budget: i32,
+    pub recent: i32,
+    pub max_len: i32,
+    pub scale_log2: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of HwH2oParams"][::core::mem::size_of::<HwH2oParams>() - 152usize];
+    ["Alignment of HwH2oParams"][::core::mem::align_of::<HwH2oParams>() - 8usize];
+    [
+        "Offset of field: HwH2oParams::q",
+    ][::core::mem::offset_of!(HwH2oParams, q) - 0usize];
+    [
+        "Offset of field: HwH2oParams::k_cache",
+    ][::core::mem::offset_of!(HwH2oParams, k_cache) - 8usize];
+    [
+        "Offset of field: HwH2oParams::v_cache",
+    ][::core::mem::offset_of!(HwH2oParams, v_cache) - 16usize];
+    [
+        "Offset of field: HwH2oParams::seg",
+    ][::core::mem::offset_of!(HwH2oParams, seg) - 24usize];
+    [
+        "Offset of field: HwH2oParams::lse",
+    ][::core::mem::offset_of!(HwH2oParams, lse) - 80usize];
+    [
+        "Offset of field: HwH2oParams::mass",
+    ][::core::mem::offset_of!(HwH2oParams, mass) - 88usize];
+    [
+        "Offset of field: HwH2oParams::targets",
+    ][::core::mem::offset_of!(HwH2oParams, targets) - 96usize];
+    [
+        "Offset of field: HwH2oParams::keys",
+    ][::core::mem::offset_of!(HwH2oParams, keys) - 104usize];
+    [
+        "Offset of field: HwH2oParams::kept",
+    ][::core::mem::offset_of!(HwH2oParams, kept) - 112usize];
+    [
+        "Offset of field: HwH2oParams::num_targets",
+    ][::core::mem::offset_of!(HwH2oParams, num_targets) - 120usize];
+    [
+        "Offset of field: HwH2oParams::group_size",
+    ][::core::mem::offset_of!(HwH2oParams, group_size) - 124usize];
+    [
+        "Offset of field: HwH2oParams::head_dim",
+    ][::core::mem::offset_of!(HwH2oParams, head_dim) - 128usize];
+    [
+        "Offset of field: HwH2oParams::tokens_per_block",
+    ][::core::mem::offset_of!(HwH2oParams, tokens_per_block) - 132usize];
+    [
+        "Offset of field: HwH2oParams::budget",
+    ][::core::mem::offset_of!(HwH2oParams, budget) - 136usize];
+    [
+        "Offset of field: HwH2oParams::recent",
+    ][::core::mem::offset_of!(HwH2oParams, recent) - 140usize];
+    [
+        "Offset of field: HwH2oParams::max_len",
+    ][::core::mem::offset_of!(HwH2oParams, max_len) - 144usize];
+    [
+        "Offset of field: HwH2oParams::scale_log2",
+    ][::core::mem::offset_of!(HwH2oParams, scale_log2) - 148usize];
+};
+impl Default for HwH2oParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct HwLaunch {
     pub grid_x: u32,

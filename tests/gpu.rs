@@ -382,4 +382,40 @@ mod on_gpu {
             }
         }
     }
+
+    /// H2O on the GPU: the same checks as tests/heavy_hitters.rs (mass over decode steps vs the
+    /// reference, output bit-identical to plain attention, token-exact eviction, byte-identical
+    /// compaction), with segments long enough for the planner to split them (`None`) and with
+    /// the split forced off.
+    #[test]
+    fn h2o_matches_reference_on_gpu() {
+        use super::common::h2o::{H2oCase, H2oSeg, h2o_scenario};
+        use headwise::heavy_hitters::H2oOptions;
+        let store = store();
+        for head_dim in [64, 128, 256] {
+            for group in pick(&[1, 4, 8], &[4, 8]) {
+                for chunk_tokens in pick(&[None, Some(1 << 30)], &[None]) {
+                    let case = H2oCase {
+                        batch: 2,
+                        kv_heads: 2,
+                        group,
+                        head_dim,
+                        segs: vec![
+                            H2oSeg::Full { len: 2000 },
+                            H2oSeg::Streaming { sink: 4, window: 64, fill: 68, ring_head: 17 },
+                            H2oSeg::Full { len: 700 },
+                            H2oSeg::Full { len: 1500 },
+                        ],
+                        steps: (5, 3),
+                        opts: H2oOptions { budget: 1024, recent: 64 },
+                        chunk_tokens,
+                        with_lse: group != 4,
+                        seed: head_dim as u64 * 7 + group as u64,
+                    };
+                    h2o_scenario::<_, bf16>(&store, &case);
+                    h2o_scenario::<_, f16>(&store, &case);
+                }
+            }
+        }
+    }
 }

@@ -6,15 +6,16 @@
 //! must form them in 64 bits. Two checks:
 //!
 //! 1. `largest_cache_launches_fit_hardware_limits`: every operation (append, decode attention
-//!    with its split merge, SnapKV/AdaKV selection, R-KV eviction, query push, relayout) is
-//!    planned on that cache through a store that records launches instead of running them, and
-//!    every grid, block and dynamic shared-memory size must be within sm_90 limits.
+//!    with its split merge, H2O mass and eviction, SnapKV/AdaKV selection, R-KV eviction, query
+//!    push, relayout) is planned on that cache through a store that records launches instead of
+//!    running them, and every grid, block and dynamic shared-memory size must be within sm_90
+//!    limits.
 //! 2. `kernels_address_rows_past_32_bit_offsets`: the emulator runs the kernels on a layout
 //!    whose second segment sits at the far end of a 2^25-row buffer (byte offsets near 2^34;
 //!    the buffers are allocated lazily, so only the touched rows cost memory) and on the same
 //!    layout packed at offset 0; every output must agree bit for bit. An offset formed in 32
-//!    bits anywhere (gather, append, attention, R-KV scoring or compaction) reads or writes
-//!    another row and breaks the equality.
+//!    bits anywhere (gather, append, attention, H2O mass or eviction, R-KV scoring or compaction)
+//!    reads or writes another row and breaks the equality.
 #![cfg(feature = "emulator")]
 
 mod common;
@@ -26,6 +27,7 @@ use std::rc::Rc;
 
 use half::{bf16, f16};
 use headwise::emu::EmuStore;
+use headwise::heavy_hitters::{H2oOptions, H2oWorkspace, evict_by_mass};
 use headwise::layout::{LayerLayout, LayoutBuilder, MAX_ROWS, Segment};
 use headwise::params::HwLaunch;
 use headwise::redundancy::{QueryRing, RkvOptions, RkvTrigger, RkvWorkspace, evict};
@@ -154,6 +156,11 @@ fn plan_largest<T: KvElem>(head_dim: usize, g: usize) -> BTreeSet<String> {
     // The smallest chunk gives the most splits (and the largest merge).
     let opts = AttentionOptions { chunk_tokens: Some(128), ..Default::default() };
     cache.attention(&q, g, &mut out, Some(&mut lse), &mut aws, &opts).unwrap();
+    // H2O's mass kernel over every 128k-token segment (its own grid), split and not.
+    let mut mass = store.zeros::<f32>(rows as usize).unwrap();
+    for opts in [AttentionOptions::default(), opts] {
+        cache.attention_with_mass(&q, g, &mut out, None, &mut aws, &opts, &mut mass).unwrap();
+    }
 
     // R-KV: every segment over budget + buffer is compacted.
     let mut ring: QueryRing<PlanStore, T> = QueryRing::new(&store, segs * g, 8, head_dim).unwrap();
@@ -165,6 +172,12 @@ fn plan_largest<T: KvElem>(head_dim: usize, g: usize) -> BTreeSet<String> {
 
     // Regrow: the relayout copy over every row.
     cache.regrow(64).unwrap();
+
+    // H2O: every segment (2048 tokens after R-KV) evicted by mass to 1024.
+    let mut mass = store.zeros::<f32>(cache.layout().total_rows()).unwrap();
+    let h2o = H2oOptions { budget: 1024, recent: 64 };
+    let compacted = evict_by_mass(&mut cache, &mut mass, &h2o, &mut H2oWorkspace::new()).unwrap();
+    assert!(compacted.iter().all(|&c| c));
 
     // Prefill selection over a 128k-token prompt: SnapKV-style per-row budgets and AdaKV, per
     // KV head and per query head.
@@ -227,6 +240,8 @@ fn largest_cache_launches_fit_hardware_limits() {
         "hw_rkv_select_",
         "hw_relayout_",
         "hw_select_",
+        "hw_h2o_mass_",
+        "hw_h2o_evict_",
     ];
     for f in families {
         assert!(seen.iter().any(|n| n.starts_with(f)), "no {f}* launch planned; launched: {seen:?}");
@@ -234,8 +249,9 @@ fn largest_cache_launches_fit_hardware_limits() {
     println!("{} kernels planned at 32 x 8 x 128k tokens: {seen:?}", seen.len());
 }
 
-/// Runs gather, append, attention and R-KV on `layout` (two segments of one sequence, one per
-/// KV head) and returns every output the kernels wrote, in order.
+/// Runs gather, append, attention (with H2O mass), the H2O eviction and R-KV on `layout` (two
+/// segments of one sequence, one per KV head) and returns every output the kernels wrote, in
+/// order.
 fn run_ops<T: KvElem>(layout: LayerLayout, seed: u64) -> std::result::Result<Vec<Vec<u16>>, Error> {
     const D: usize = 256;
     const G: usize = 4;
@@ -265,28 +281,45 @@ fn run_ops<T: KvElem>(layout: LayerLayout, seed: u64) -> std::result::Result<Vec
 
     let mut ring = QueryRing::new(&store, 2 * G, 8, D)?;
     let mut aws = AttentionWorkspace::new();
-    let mut attend =
-        |cache: &LayerCache<EmuStore, T>, q: &EmuBufT<T>, outs: &mut Vec<Vec<u16>>| -> Result<()> {
-            let mut out = store.zeros::<T>(2 * G * D)?;
-            let mut lse = store.zeros::<f32>(2 * G)?;
-            // chunk 64: split into several blocks, so the merge kernel runs too.
-            let opts = AttentionOptions { chunk_tokens: Some(64), ..Default::default() };
-            cache.attention(q, G, &mut out, Some(&mut lse), &mut aws, &opts)?;
-            let o = store.download(&out)?;
-            assert!(o.iter().any(|x| x.to_f32() != 0.0), "attention wrote only zeros");
-            outs.push(bits(&o));
-            outs.push(store.download(&lse)?.iter().map(|x| (x.to_bits() >> 16) as u16).collect());
-            outs.push(store.download(&lse)?.iter().map(|x| x.to_bits() as u16).collect());
-            Ok(())
-        };
+    // H2O's mass, one f32 per row of the (far: 2^25-row) cache; compared by token below.
+    let mut mass = store.zeros::<f32>(cache.layout().total_rows())?;
+    let token_mass = |cache: &LayerCache<EmuStore, T>, mass: &EmuBufT<f32>| -> Result<Vec<u16>> {
+        let m = store.download(mass)?;
+        let rows = cache.layout().segments().iter().flat_map(|s| (0..s.len).map(|i| s.row(i) as usize));
+        Ok(rows.flat_map(|r| [(m[r].to_bits() >> 16) as u16, m[r].to_bits() as u16]).collect())
+    };
+    let mut attend = |cache: &LayerCache<EmuStore, T>,
+                      q: &EmuBufT<T>,
+                      mass: Option<&mut EmuBufT<f32>>,
+                      outs: &mut Vec<Vec<u16>>|
+     -> Result<()> {
+        let mut out = store.zeros::<T>(2 * G * D)?;
+        let mut lse = store.zeros::<f32>(2 * G)?;
+        // chunk 64: split into several blocks, so the merge kernel runs too.
+        let opts = AttentionOptions { chunk_tokens: Some(64), ..Default::default() };
+        match mass {
+            Some(m) => cache.attention_with_mass(q, G, &mut out, Some(&mut lse), &mut aws, &opts, m)?,
+            None => cache.attention(q, G, &mut out, Some(&mut lse), &mut aws, &opts)?,
+        }
+        let o = store.download(&out)?;
+        assert!(o.iter().any(|x| x.to_f32() != 0.0), "attention wrote only zeros");
+        outs.push(bits(&o));
+        outs.push(store.download(&lse)?.iter().map(|x| (x.to_bits() >> 16) as u16).collect());
+        outs.push(store.download(&lse)?.iter().map(|x| x.to_bits() as u16).collect());
+        Ok(())
+    };
     for step in 0..3u64 {
         let kn = store.upload(&common::values::<T>(seed + 10 + step, 2 * D, 1.0))?;
         let vn = store.upload(&common::values::<T>(seed + 20 + step, 2 * D, 1.0))?;
         cache.append(&kn, &vn)?;
         let q = store.upload(&common::values::<T>(seed + 30 + step, 2 * G * D, 1.0))?;
         ring.push(&q)?;
-        attend(&cache, &q, &mut outs)?;
+        attend(&cache, &q, Some(&mut mass), &mut outs)?;
     }
+    outs.push(token_mass(&cache, &mass)?);
+    let h2o = H2oOptions { budget: 200, recent: 32 };
+    assert_eq!(evict_by_mass(&mut cache, &mut mass, &h2o, &mut H2oWorkspace::new())?, vec![true, true]);
+    outs.push(token_mass(&cache, &mass)?);
     let mut rws = RkvWorkspace::new();
     let compacted =
         evict(&mut cache, &ring, G, &RkvOptions::new(128), RkvTrigger::Forced(&[true, true]), &mut rws)?;
@@ -295,7 +328,7 @@ fn run_ops<T: KvElem>(layout: LayerLayout, seed: u64) -> std::result::Result<Vec
         outs.push(kept.iter().map(|&x| x as u16).collect());
     }
     let q = store.upload(&common::values::<T>(seed + 40, 2 * G * D, 1.0))?;
-    attend(&cache, &q, &mut outs)?;
+    attend(&cache, &q, None, &mut outs)?;
     Ok(outs)
 }
 
@@ -317,7 +350,7 @@ fn far_and_near<T: KvElem>() {
     for (i, (x, y)) in a.iter().zip(&b).enumerate() {
         assert!(
             x == y,
-            "far and near layouts disagree at output {i} (gather, append, attention, R-KV in order)"
+            "far and near layouts disagree at output {i} (gather, append, attention + mass, H2O, R-KV in order)"
         );
     }
 }

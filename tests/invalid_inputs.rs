@@ -43,6 +43,7 @@ use half::bf16;
 use headwise::GpuStore;
 use headwise::attention::{AttentionOptions, AttentionWorkspace, MAX_GROUP, MAX_SPLITS};
 use headwise::dtype::{SUPPORTED_HEAD_DIMS, check_head_dim};
+use headwise::heavy_hitters::{H2oOptions, H2oWorkspace, evict_by_mass};
 use headwise::layout::{LayerLayout, LayoutBuilder, MAX_BUILDER_SEGMENTS, MAX_ROWS, Segment, SegmentMode};
 use headwise::params::HwLaunch;
 use headwise::policy::budget::{self, HeadKvOptions, HeadKvVariant};
@@ -85,6 +86,7 @@ const ENTRY_POINTS: &[fn(&mut Battery)] = &[
     cache_regrow,
     cache_relayout_into,
     cache_attention,
+    cache_attention_with_mass,
     emu_store,
     #[cfg(feature = "cuda")]
     gpu_store_new,
@@ -94,6 +96,7 @@ const ENTRY_POINTS: &[fn(&mut Battery)] = &[
     select_compress_packed,
     scores_expected_attention,
     rkv_evict,
+    h2o_evict_by_mass,
     query_ring_new,
     query_ring_push,
     c_abi,
@@ -1906,6 +1909,123 @@ fn cache_attention(b: &mut Battery) {
     });
 }
 
+/// `attention_with_mass`: every fault of `attention` (the same checks run first) plus a mass
+/// buffer of the wrong length.
+fn cache_attention_with_mass(b: &mut Battery) {
+    let fault = prop_oneof![
+        prop_oneof![Just(0usize), MAX_GROUP + 1..200, Just(usize::MAX)]
+            .prop_map(|g| Some(AttentionFault::GroupSize(g))),
+        any::<u32>().prop_map(|x| Some(AttentionFault::Q(x))),
+        any::<u32>().prop_map(|x| Some(AttentionFault::Out(x))),
+        any::<u32>().prop_map(|x| Some(AttentionFault::Lse(x))),
+        prop::sample::select(vec![f32::NAN, f32::INFINITY, 0.0, -0.0, f32::MAX])
+            .prop_map(|x| Some(AttentionFault::Scale(x))),
+        prop_oneof![Just(0u32), (i32::MAX as u32 + 1)..=u32::MAX]
+            .prop_map(|c| Some(AttentionFault::ChunkTokens(c))),
+        Just(Some(AttentionFault::QForOtherHeadDim)),
+        Just(None),
+    ];
+    b.run(
+        "LayerCache::attention_with_mass",
+        2_500,
+        (cache_layout(), 1usize..=MAX_GROUP, fault, any::<u32>(), any::<bool>()),
+        |p, (layout, g, fault, x, with_lse)| {
+            let s = store(p);
+            let d = 64;
+            let cache = LayerCache::<_, bf16>::new(&s, layout.clone(), d).unwrap();
+            let heads = layout.segments().len() * g;
+            let rows = layout.total_rows();
+            let (mut q_len, mut out_len, mut lse_len) = (heads * d, heads * d, with_lse.then_some(heads));
+            let mut mass_len = rows;
+            let mut group = g;
+            let mut opts = AttentionOptions::default();
+            let expect = match fault {
+                Some(AttentionFault::GroupSize(bad)) => {
+                    group = bad;
+                    invalid("group_size")
+                }
+                Some(AttentionFault::Q(x)) => {
+                    q_len = wrong_len(q_len, heads, x);
+                    invalid("q")
+                }
+                Some(AttentionFault::Out(x)) => {
+                    out_len = wrong_len(out_len, heads, x);
+                    invalid("out")
+                }
+                Some(AttentionFault::Lse(x)) => {
+                    lse_len = Some(wrong_len(heads, 1, x));
+                    invalid("lse")
+                }
+                Some(AttentionFault::Scale(x)) => {
+                    opts.scale = Some(x);
+                    invalid("scale")
+                }
+                Some(AttentionFault::ChunkTokens(c)) => {
+                    opts.chunk_tokens = Some(c);
+                    invalid("chunk_tokens")
+                }
+                Some(AttentionFault::QForOtherHeadDim) => {
+                    q_len = heads * 128;
+                    invalid("q")
+                }
+                None => {
+                    mass_len = wrong_len(rows, 1, x);
+                    invalid("mass")
+                }
+            };
+            let q = s.zeros::<bf16>(q_len).unwrap();
+            let mut out = s.zeros::<bf16>(out_len).unwrap();
+            let mut lse = lse_len.map(|n| s.zeros::<f32>(n).unwrap());
+            let mut mass = s.zeros::<f32>(mass_len).unwrap();
+            let mut ws = AttentionWorkspace::new();
+            p.call(expect, || {
+                cache.attention_with_mass(&q, group, &mut out, lse.as_mut(), &mut ws, &opts, &mut mass)
+            })?;
+            Ok(())
+        },
+    );
+    b.controls("LayerCache::attention_with_mass", |p| {
+        // Controls: attention (+ merge when split) + the mass kernel; the tokens' mass grows by
+        // their group's probabilities (G = 2 in all per non-empty segment), free rows untouched.
+        let s = store(p);
+        let layout =
+            LayoutBuilder::new(1, 2).full(0, 0, 5).streaming(0, 1, 1, 2).headroom(1).build().unwrap();
+        let cache = LayerCache::<_, bf16>::new(&s, layout.clone(), 64).unwrap();
+        let q = s.upload(&vec![bf16::ONE; 2 * 2 * 64]).unwrap();
+        let mut ws = AttentionWorkspace::new();
+        for (chunk, with_lse, launches) in [(None, false, 2), (Some(2), true, 3)] {
+            let mut out = s.zeros::<bf16>(2 * 2 * 64).unwrap();
+            let mut lse = s.zeros::<f32>(4).unwrap();
+            let mut mass = s.upload(&vec![1.0f32; layout.total_rows()]).unwrap();
+            let opts = AttentionOptions { chunk_tokens: chunk, scale: None };
+            let before = p.launches.get();
+            p.call(Expect::Ok, || {
+                cache.attention_with_mass(
+                    &q,
+                    2,
+                    &mut out,
+                    with_lse.then_some(&mut lse),
+                    &mut ws,
+                    &opts,
+                    &mut mass,
+                )
+            })?;
+            check(p.launches.get() == before + launches, || format!("{chunk:?}: not {launches} launch(es)"))?;
+            let m = s.download(&mass).unwrap();
+            for (i, seg) in layout.segments().iter().enumerate() {
+                let added: f32 = (0..seg.len).map(|t| m[seg.row(t) as usize] - 1.0).sum();
+                let want = if seg.len == 0 { 0.0 } else { 2.0 };
+                check((added - want).abs() < 1e-5, || {
+                    format!("segment {i}: mass grew by {added}, not {want}")
+                })?;
+            }
+            let last = layout.segments()[0].offset as usize + 5; // segment 0's free row
+            check(m[last] == 1.0, || "a free row's mass changed".into())?;
+        }
+        Ok(())
+    });
+}
+
 fn emu_store(b: &mut Battery) {
     b.run("EmuStore", 1_000, (0usize..64, any::<u32>()), |p, (n, x)| {
         let mut buf = EmuStore.zeros::<bf16>(n).unwrap();
@@ -2974,6 +3094,85 @@ fn rkv_evict(b: &mut Battery) {
         })?;
         check(done == Some(vec![true, false]), || format!("compacted {done:?}"))?;
         check(p.launches.get() == before + 4, || "a compaction did not launch 4 kernels".into())?;
+        check(cache.layout().segments()[0].len == 10, || format!("{:?}", cache.layout()))
+    });
+}
+
+#[derive(Clone, Debug)]
+enum H2oFault {
+    /// Valid: a budget no Full segment exceeds (no launch).
+    None,
+    BudgetZero,
+    BudgetAboveInt32(usize),
+    RecentAboveBudget(u32),
+    Mass(u32),
+}
+
+fn h2o_evict_by_mass(b: &mut Battery) {
+    let fault = prop_oneof![
+        Just(H2oFault::None),
+        Just(H2oFault::BudgetZero),
+        prop_oneof![i32::MAX as usize + 1..usize::MAX, Just(usize::MAX)].prop_map(H2oFault::BudgetAboveInt32),
+        any::<u32>().prop_map(H2oFault::RecentAboveBudget),
+        any::<u32>().prop_map(H2oFault::Mass),
+    ];
+    b.run(
+        "heavy_hitters::evict_by_mass",
+        4_000,
+        (rkv_layout(), 1usize..=12, 0usize..=12, fault),
+        |p, (layout, budget, r, fault)| {
+            let s = store(p);
+            let rows = layout.total_rows();
+            let mut opts = H2oOptions { budget, recent: r % (budget + 1) };
+            let mut mass_len = rows;
+            let expect = match fault {
+                H2oFault::None => {
+                    opts.budget = layout.segments().iter().map(|s| s.len as usize).max().unwrap_or(0).max(1);
+                    opts.recent = opts.recent.min(opts.budget);
+                    Expect::Ok
+                }
+                H2oFault::BudgetZero => {
+                    opts.budget = 0;
+                    invalid("budget")
+                }
+                H2oFault::BudgetAboveInt32(v) => {
+                    opts.budget = v;
+                    invalid("budget")
+                }
+                H2oFault::RecentAboveBudget(x) => {
+                    opts.recent = budget + 1 + x as usize % 1000;
+                    invalid("recent")
+                }
+                H2oFault::Mass(x) => {
+                    mass_len = wrong_len(rows, 1, x);
+                    invalid("mass")
+                }
+            };
+            let mut cache = LayerCache::<_, bf16>::new(&s, layout.clone(), 64).unwrap();
+            let mut mass = s.zeros::<f32>(mass_len).unwrap();
+            let mut ws = H2oWorkspace::new();
+            if let Some(done) = p.call(expect, || evict_by_mass(&mut cache, &mut mass, &opts, &mut ws))? {
+                check(done == vec![false; layout.segments().len()], || format!("compacted {done:?}"))?;
+            }
+            check(cache.layout() == &layout, || {
+                "an eviction that compacted nothing changed the layout".into()
+            })
+        },
+    );
+    b.controls("heavy_hitters::evict_by_mass", |p| {
+        // Control: the Full segment past the budget is compacted in one launch; the Streaming
+        // one is left alone.
+        let s = store(p);
+        let layout = LayoutBuilder::new(1, 2).full(0, 0, 24).streaming(0, 1, 2, 4).build().unwrap();
+        let rows = layout.total_rows();
+        let mut cache = LayerCache::<_, bf16>::new(&s, layout, 64).unwrap();
+        let mut mass = s.upload(&(0..rows).map(|i| (i % 7) as f32).collect::<Vec<_>>()).unwrap();
+        let mut ws = H2oWorkspace::new();
+        let before = p.launches.get();
+        let opts = H2oOptions { budget: 10, recent: 3 };
+        let done = p.call(Expect::Ok, || evict_by_mass(&mut cache, &mut mass, &opts, &mut ws))?;
+        check(done == Some(vec![true, false]), || format!("compacted {done:?}"))?;
+        check(p.launches.get() == before + 1, || "a compaction did not launch once".into())?;
         check(cache.layout().segments()[0].len == 10, || format!("{:?}", cache.layout()))
     });
 }

@@ -13,8 +13,8 @@
 //! - a kernel of an instantiation list has no table row, or a table row names no kernel.
 //!
 //! The table also records the block size each operation launches with (the constants in
-//! src/attention.rs, src/cache.rs, src/select.rs, src/redundancy.rs; see `launch_rules`) and the
-//! occupancy this implies on an H100 (sm_90). BENCHMARKS.md prints it between the
+//! src/attention.rs, src/cache.rs, src/select.rs, src/redundancy.rs, src/heavy_hitters.rs; see
+//! `launch_rules`) and the occupancy this implies on an H100 (sm_90). BENCHMARKS.md prints it between the
 //! `ptxas-budget` markers; `table_and_benchmarks_agree` keeps the copy current without nvcc.
 //!
 //! `HEADWISE_BLESS=1 cargo test --test ptxas_budget` rewrites the table from this compile and the
@@ -53,6 +53,8 @@ fn launch_rules(kernel: &str) -> (u32, &'static str) {
         ("hw_attention_merge_", 128, "-"),          // attention.rs THREADS
         ("hw_attention_", 128, "ldg128"),           // attention.rs THREADS
         ("hw_append_", 128, "ldg128"),              // cache.rs 32 * APPEND_WARPS_PER_BLOCK
+        ("hw_h2o_mass_", 128, "ldg128"),            // attention.rs THREADS (attention_with_mass)
+        ("hw_h2o_evict_", 256, "ldg128"),           // heavy_hitters.rs EVICT_THREADS (compaction)
         ("hw_relayout_", 256, "ldg128"),            // cache.rs RELAYOUT_THREADS
         ("hw_query_push_", 256, "ldg128"),          // redundancy.rs (vecs.div_ceil(256), 256)
         ("hw_rkv_norms_", 128, "ldg128"),           // redundancy.rs TILE_THREADS (by_tiles)

@@ -1,7 +1,8 @@
 //! Emulator memory-traffic counts (cuda/simt/traffic.h): decode attention reads each K/V byte
 //! exactly once per query group, with full 32-byte sectors; the counter itself is checked on
 //! patterns whose counts are known in closed form (exact output bytes, linear scaling, the
-//! merge kernel's strided scalar reads, the q_s bank conflicts).
+//! merge kernel's strided scalar reads, the q_s bank conflicts); H2O's mass kernel reads each
+//! kept K row once and each mass entry once.
 #![cfg(feature = "emulator")]
 
 mod common;
@@ -153,4 +154,47 @@ fn smem_conflicts_and_off_switch() {
         .unwrap();
     assert!(store.take_traffic().is_empty(), "counting off must record nothing");
     store.traffic_enable(None);
+}
+
+/// The cost `cuda/heavy_hitters.cu` documents for H2O's mass: the extra kernel reads each kept
+/// token's K row exactly once (V never), and reads and writes each kept token's mass entry once.
+#[test]
+fn h2o_mass_reads_k_once_and_each_mass_entry_once() {
+    let store = EmuStore;
+    for (layout, group) in [
+        (short_layout(), 4usize),
+        (attn_layout(1, 2, &[AttnSeg::Full { len: 700 }, AttnSeg::Full { len: 5 }]), 8),
+    ] {
+        let d = 128;
+        let rows = layout.total_rows();
+        let kept: u64 = layout.segments().iter().map(|s| u64::from(s.len)).sum();
+        let heads = layout.segments().len() * group;
+        let k = store.upload(&values::<bf16>(1, rows * d, 1.0)).unwrap();
+        let v = store.upload(&values::<bf16>(2, rows * d, 1.0)).unwrap();
+        store.traffic_unwatch_all();
+        store.traffic_watch(&k);
+        store.traffic_watch(&v);
+        let cache = LayerCache::<EmuStore, bf16>::from_parts(&store, layout, d, k, v).unwrap();
+        let q = store.upload(&values::<bf16>(3, heads * d, 1.0)).unwrap();
+        let mut out = store.zeros::<bf16>(heads * d).unwrap();
+        let mut mass = store.zeros::<f32>(rows).unwrap();
+        let mut ws = AttentionWorkspace::new();
+        store.traffic_enable(Some(true));
+        let _ = store.take_traffic();
+        let opts = AttentionOptions::default();
+        cache.attention_with_mass(&q, group, &mut out, None, &mut ws, &opts, &mut mass).unwrap();
+        let t = store.take_traffic();
+        store.traffic_enable(None);
+        store.traffic_unwatch_all();
+        let m: Vec<&LaunchTraffic> = t.iter().filter(|r| r.kernel.starts_with("hw_h2o_mass_")).collect();
+        assert_eq!(m.len(), 1, "{t:?}");
+        assert_eq!(
+            m[0].watched_read_bytes,
+            kept * d as u64 * 2,
+            "G={group}: K bytes read by the mass kernel"
+        );
+        assert_eq!(m[0].watched_unique_bytes, kept * d as u64 * 2, "G={group}: a K byte read twice or never");
+        assert_eq!(m[0].write_bytes, kept * 4, "G={group}: one mass write per kept token");
+        eprintln!("G={group}: mass kernel {:?}", m[0]);
+    }
 }

@@ -4,6 +4,7 @@
 use crate::error::{Error, Result};
 use crate::layout::LayerLayout;
 
+pub mod h2o;
 pub mod rkv;
 
 /// Appends one token per segment to host copies of the K/V buffers, exactly as
