@@ -395,6 +395,28 @@ int headwise_cache_attention(struct HeadwiseCache *cache,
                              uint32_t chunk_tokens);
 
 /**
+ * [`headwise_cache_attention`], adding to `mass[num_mass]` (`total_rows` f32, store memory,
+ * one entry per cache row, as the K/V rows) each kept token's attention probability summed over
+ * its group's query heads: H2O's accumulated attention mass, for
+ * `headwise_cache_evict_by_mass`. Start `mass` from zeros; entries of rows no token occupies are
+ * not touched; a Streaming segment's entries follow its ring slots. Other compactions
+ * (`headwise_cache_evict`, relayout) do not move `mass`: reset it after them. The mass costs one
+ * more read of K (not V) after the attention.
+ *
+ * # Safety
+ * As `headwise_cache_attention`, and `mass` NULL or `num_mass` floats of store memory.
+ */
+int headwise_cache_attention_with_mass(struct HeadwiseCache *cache,
+                                       const void *q,
+                                       size_t group_size,
+                                       void *out,
+                                       float *lse,
+                                       float scale,
+                                       uint32_t chunk_tokens,
+                                       float *mass,
+                                       size_t num_mass);
+
+/**
  * A cache over the caller's K and V buffers of one layer, each `[total_rows][head_dim]`
  * elements of `dtype` (`HEADWISE_DTYPE_F16`/`_BF16`), row-major, 16-byte aligned, laid out as
  * `layout` says (copied: later changes go through the cache; read them back with
@@ -561,6 +583,28 @@ int headwise_cache_evict(struct HeadwiseCache *cache,
                          size_t forced_len,
                          uint8_t *compacted,
                          size_t compacted_len);
+
+/**
+ * H2O eviction by accumulated attention mass (`mass[num_mass]`, `total_rows` f32 of store
+ * memory, as `headwise_cache_attention_with_mass` writes it): every Full segment longer than
+ * `budget` keeps its `recent` newest tokens plus the `budget - recent` older ones of the highest
+ * mass (NaN lowest, ties to the lower position), compacted in place in position order with
+ * their K, V and mass entries; the freed rows' mass is zeroed, len becomes `budget`. Streaming
+ * segments are not touched. `1 <= budget <= INT32_MAX`, `recent <= budget`. `compacted` is NULL
+ * or `num_segments` bytes, set to 1 where a segment was compacted. Synchronous (the host reads
+ * the new lengths).
+ *
+ * # Safety
+ * `cache` NULL or live; `mass` NULL or `num_mass` floats of store memory; `compacted` NULL or
+ * `compacted_len` writable bytes.
+ */
+int headwise_cache_evict_by_mass(struct HeadwiseCache *cache,
+                                 float *mass,
+                                 size_t num_mass,
+                                 uint32_t budget,
+                                 uint32_t recent,
+                                 uint8_t *compacted,
+                                 size_t compacted_len);
 
 /**
  * Validates a segment table given as parallel arrays and returns it as a layout handle.

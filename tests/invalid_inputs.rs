@@ -4080,6 +4080,36 @@ mod c {
                 };
                 (invalid("cache"), code)
             }),
+            ("cache_attention_with_mass", |x, y, _, _, _| {
+                let code = unsafe {
+                    headwise_cache_attention_with_mass(
+                        null_mut(),
+                        null(),
+                        x % 17,
+                        null_mut(),
+                        null_mut(),
+                        0.0,
+                        0,
+                        null_mut(),
+                        y % 9,
+                    )
+                };
+                (invalid("cache"), code)
+            }),
+            ("cache_evict_by_mass", |x, y, _, _, _| {
+                let code = unsafe {
+                    headwise_cache_evict_by_mass(
+                        null_mut(),
+                        null_mut(),
+                        x % 9,
+                        (y % 20) as u32,
+                        0,
+                        null_mut(),
+                        0,
+                    )
+                };
+                (invalid("cache"), code)
+            }),
             ("cache_compress_into_adakv", |x, _, _, _, _| {
                 (invalid("cache"), unsafe {
                     headwise_cache_compress_into_adakv(null_mut(), null(), null(), x as u32, 0.2)

@@ -40,18 +40,77 @@ pub unsafe extern "C" fn headwise_cache_attention(
             scale: (scale != 0.0).then_some(scale),
             chunk_tokens: (chunk_tokens != 0).then_some(chunk_tokens),
         };
-        with_cache!(&mut cache.inner, c, ws => {
-            let heads = product("num_segments * group_size", &[c.layout().segments().len(), group_size])?;
-            let n = product("heads * head_dim", &[heads, c.head_dim()])?;
-            // SAFETY: the caller's promise on q/out/lse (sizes above).
-            let (q, mut out) = unsafe { (borrow_in(c.store(), q, n, "q")?, borrow_in(c.store(), out, n, "out")?) };
-            let mut lse = if lse.is_null() {
-                None
-            } else {
-                // SAFETY: as above.
-                Some(unsafe { borrow_in::<_, f32>(c.store(), lse.cast_const().cast(), heads, "lse") }?)
-            };
-            c.attention(&q, group_size, &mut out, lse.as_mut(), &mut ws.attention, &opts)
-        })
+        // SAFETY: the caller's promise on q/out/lse.
+        unsafe { attend(cache, q, group_size, out, lse, &opts, None) }
+    })
+}
+
+/// [`headwise_cache_attention`], adding to `mass[num_mass]` (`total_rows` f32, store memory,
+/// one entry per cache row, as the K/V rows) each kept token's attention probability summed over
+/// its group's query heads: H2O's accumulated attention mass, for
+/// `headwise_cache_evict_by_mass`. Start `mass` from zeros; entries of rows no token occupies are
+/// not touched; a Streaming segment's entries follow its ring slots. Other compactions
+/// (`headwise_cache_evict`, relayout) do not move `mass`: reset it after them. The mass costs one
+/// more read of K (not V) after the attention.
+///
+/// # Safety
+/// As `headwise_cache_attention`, and `mass` NULL or `num_mass` floats of store memory.
+#[unsafe(no_mangle)]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn headwise_cache_attention_with_mass(
+    cache: *mut HeadwiseCache,
+    q: *const c_void,
+    group_size: usize,
+    out: *mut c_void,
+    lse: *mut f32,
+    scale: f32,
+    chunk_tokens: u32,
+    mass: *mut f32,
+    num_mass: usize,
+) -> c_int {
+    boundary(|| {
+        let opts = AttentionOptions {
+            scale: (scale != 0.0).then_some(scale),
+            chunk_tokens: (chunk_tokens != 0).then_some(chunk_tokens),
+        };
+        // SAFETY: the caller's promise on every pointer.
+        unsafe { attend(cache, q, group_size, out, lse, &opts, Some((mass, num_mass))) }
+    })
+}
+
+/// The body of both attention entry points.
+///
+/// # Safety
+/// `headwise_cache_attention_with_mass`'s contract.
+unsafe fn attend(
+    cache: *mut HeadwiseCache,
+    q: *const c_void,
+    group_size: usize,
+    out: *mut c_void,
+    lse: *mut f32,
+    opts: &AttentionOptions,
+    mass: Option<(*mut f32, usize)>,
+) -> crate::error::Result<()> {
+    // SAFETY: the caller's promise on the handle.
+    let cache = unsafe { handle_mut(cache, "cache") }?;
+    with_cache!(&mut cache.inner, c, ws => {
+        let heads = product("num_segments * group_size", &[c.layout().segments().len(), group_size])?;
+        let n = product("heads * head_dim", &[heads, c.head_dim()])?;
+        // SAFETY: the caller's promise on q/out/lse (sizes above).
+        let (q, mut out) = unsafe { (borrow_in(c.store(), q, n, "q")?, borrow_in(c.store(), out, n, "out")?) };
+        let mut lse = if lse.is_null() {
+            None
+        } else {
+            // SAFETY: as above.
+            Some(unsafe { borrow_in::<_, f32>(c.store(), lse.cast_const().cast(), heads, "lse") }?)
+        };
+        match mass {
+            None => c.attention(&q, group_size, &mut out, lse.as_mut(), &mut ws.attention, opts),
+            Some((ptr, len)) => {
+                // SAFETY: the caller's promise on mass.
+                let mut mass = unsafe { borrow_in::<_, f32>(c.store(), ptr.cast_const().cast(), len, "mass") }?;
+                c.attention_with_mass(&q, group_size, &mut out, lse.as_mut(), &mut ws.attention, opts, &mut mass)
+            }
+        }
     })
 }

@@ -32,6 +32,7 @@ pub(super) struct Workspaces<S: Store> {
     pub(super) select: SelectWorkspace<S>,
     pub(super) rkv: RkvWorkspace<S>,
     pub(super) scores: crate::scores::ScoreWorkspace<S>,
+    pub(super) h2o: crate::heavy_hitters::H2oWorkspace<S>,
 }
 
 pub(super) struct Cache<S: Store> {
@@ -122,6 +123,7 @@ fn new_cache<S: CStore>(
         select: SelectWorkspace::new(),
         rkv: RkvWorkspace::new(),
         scores: crate::scores::ScoreWorkspace::new(),
+        h2o: crate::heavy_hitters::H2oWorkspace::new(),
     };
     Ok(Cache { kv, ws })
 }

@@ -5,7 +5,7 @@ use super::args::{
 };
 use super::cache::{Cache, CacheInner, HeadwiseCache, Kv, with_cache};
 use super::errors::boundary;
-use super::store::{Backend, CStore, HeadwiseStore, KeepCurrentContext};
+use super::store::{Backend, CStore, HeadwiseStore, KeepCurrentContext, borrow_in};
 use crate::dtype::{DType, KvElem};
 #[cfg(feature = "emulator")]
 use crate::emu::EmuStore;
@@ -285,4 +285,55 @@ fn evict_typed<S: CStore>(
         (Kv::Bf16(c), Ring::Bf16(r)) => redundancy::evict(c, r, group_size, opts, trigger, ws),
         _ => Err(Error::invalid("ring", "its dtype differs from the cache's")),
     }
+}
+
+/// H2O eviction by accumulated attention mass (`mass[num_mass]`, `total_rows` f32 of store
+/// memory, as `headwise_cache_attention_with_mass` writes it): every Full segment longer than
+/// `budget` keeps its `recent` newest tokens plus the `budget - recent` older ones of the highest
+/// mass (NaN lowest, ties to the lower position), compacted in place in position order with
+/// their K, V and mass entries; the freed rows' mass is zeroed, len becomes `budget`. Streaming
+/// segments are not touched. `1 <= budget <= INT32_MAX`, `recent <= budget`. `compacted` is NULL
+/// or `num_segments` bytes, set to 1 where a segment was compacted. Synchronous (the host reads
+/// the new lengths).
+///
+/// # Safety
+/// `cache` NULL or live; `mass` NULL or `num_mass` floats of store memory; `compacted` NULL or
+/// `compacted_len` writable bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn headwise_cache_evict_by_mass(
+    cache: *mut HeadwiseCache,
+    mass: *mut f32,
+    num_mass: usize,
+    budget: u32,
+    recent: u32,
+    compacted: *mut u8,
+    compacted_len: usize,
+) -> c_int {
+    boundary(|| {
+        // SAFETY (this block): the caller's promise on every pointer and length.
+        let cache = unsafe { handle_mut(cache, "cache") }?;
+        let opts = crate::heavy_hitters::H2oOptions { budget: budget as usize, recent: recent as usize };
+        let n = with_cache!(&cache.inner, c, _ws => c.layout().segments().len());
+        let compacted = if compacted.is_null() {
+            None
+        } else {
+            if compacted_len != n {
+                return Err(Error::invalid(
+                    "compacted_len",
+                    format!("{compacted_len}, expected num_segments {n}"),
+                ));
+            }
+            Some(unsafe { output(compacted, compacted_len, "compacted") }?)
+        };
+        let done = with_cache!(&mut cache.inner, c, ws => {
+            let mut m = unsafe { borrow_in::<_, f32>(c.store(), mass.cast_const().cast(), num_mass, "mass") }?;
+            crate::heavy_hitters::evict_by_mass(c, &mut m, &opts, &mut ws.h2o)
+        })?;
+        if let Some(out) = compacted {
+            for (o, d) in out.iter_mut().zip(done) {
+                *o = u8::from(d);
+            }
+        }
+        Ok(())
+    })
 }

@@ -827,6 +827,56 @@ static void test_emulator(void) {
         free(k7), free(v7), free(k8), free(v8), free(tk), free(tv), free(tq);
     }
 
+    /* H2O: attention that accumulates each token's mass (per head, probabilities sum to 1, so a
+     * segment's mass sums to G), then eviction by it to 12 tokens with the 4 newest kept: the
+     * kept older tokens are the 8 of highest mass (ties to the lower position), in order, with
+     * their K rows and mass moved, the freed rows' mass zeroed. */
+    {
+        HeadwiseCache *hh = NULL;
+        uint16_t *k9 = bf16_array(total_rows * D, 0), *v9 = bf16_array(total_rows * D, 0);
+        OK(headwise_cache_create(store, layout, HEADWISE_DTYPE_BF16, D, k9, v9, &hh));
+        OK(headwise_cache_compress_into(hh, &prompt, &opts, budgets, KV));
+        float *mass = calloc(total_rows, sizeof(float));
+        uint16_t *q1 = bf16_array((size_t)HEADS * D, 1), *o1 = bf16_array((size_t)HEADS * D, 0);
+        INVALID(headwise_cache_attention_with_mass(hh, q1, G, o1, NULL, 0.0f, 0, mass, total_rows - 1), "mass");
+        OK(headwise_cache_attention_with_mass(hh, q1, G, o1, NULL, 0.0f, 0, mass, total_rows));
+        OK(headwise_store_synchronize(store));
+        Segs before = segments_of(hh);
+        float *old_mass = malloc(total_rows * sizeof(float));
+        memcpy(old_mass, mass, total_rows * sizeof(float));
+        uint16_t *old_k = malloc(total_rows * D * sizeof(uint16_t));
+        memcpy(old_k, k9, total_rows * D * sizeof(uint16_t));
+        for (int h = 0; h < KV; h++) {
+            double sum = 0;
+            for (uint32_t i = 0; i < before.len[h]; i++) sum += mass[before.offset[h] + i];
+            CHECK(fabs(sum - G) <= 1e-4 * G);
+        }
+        uint8_t done[KV] = {9, 9};
+        INVALID(headwise_cache_evict_by_mass(hh, mass, total_rows, 12, 13, done, KV), "recent");
+        INVALID(headwise_cache_evict_by_mass(hh, mass, total_rows, 12, 4, done, KV + 1), "compacted_len");
+        OK(headwise_cache_evict_by_mass(hh, mass, total_rows, 12, 4, done, KV));
+        Segs after = segments_of(hh);
+        for (int h = 0; h < KV; h++) {
+            CHECK(done[h] == 1 && after.len[h] == 12);
+            const uint32_t off = before.offset[h], n = before.len[h] - 4;
+            uint32_t kept = 0;
+            for (uint32_t i = 0; i < n; i++) {
+                uint32_t rank = 0;
+                for (uint32_t j = 0; j < n; j++)
+                    rank += old_mass[off + j] > old_mass[off + i] || (old_mass[off + j] == old_mass[off + i] && j < i);
+                if (rank >= 8) continue;
+                CHECK(mass[off + kept] == old_mass[off + i]);
+                CHECK(memcmp(k9 + (size_t)(off + kept) * D, old_k + (size_t)(off + i) * D, D * sizeof(uint16_t)) == 0);
+                kept++;
+            }
+            CHECK(kept == 8);
+            for (uint32_t i = 0; i < 4; i++) CHECK(mass[off + 8 + i] == old_mass[off + n + i]);
+            for (uint32_t i = 12; i < before.len[h]; i++) CHECK(mass[off + i] == 0.0f);
+        }
+        OK(headwise_cache_free(hh));
+        free(k9), free(v9), free(mass), free(old_mass), free(old_k), free(q1), free(o1);
+    }
+
     /* Expected Attention scores (random mean, a small diagonal-plus-noise covariance) vs the C
      * reference above, then selection on them keeps each head's sinks. */
     enum { N = Q_LEN - WIN };

@@ -169,6 +169,7 @@ pub(super) fn emulator_side(b: &mut Battery) {
     cache_expected_attention_scores(b);
     query_ring(b);
     cache_evict(b);
+    cache_h2o(b);
 }
 
 fn cache_create(b: &mut Battery) {
@@ -654,4 +655,89 @@ fn cache_evict(b: &mut Battery) {
         headwise_query_ring_free(ring);
         headwise_query_ring_free(ring_f16);
     }
+}
+
+/// H2O through C: attention with mass and the eviction by it, pointer faults (NULL, misaligned
+/// mass), wrong mass counts, budgets and recent windows out of range, compacted_len; the Rust
+/// mirror's outcome otherwise. The eviction's validation does not depend on the lengths, so a
+/// mirror that compacted where the C call was refused still predicts the next case.
+fn cache_h2o(b: &mut Battery) {
+    let pair = RefCell::new(Pair::new());
+    let segs = pair.borrow().segments();
+    let rows = pair.borrow().rust.layout().total_rows();
+    let c_cache = pair.borrow().cache;
+    let ws = RefCell::new(H2oWorkspace::new());
+    let aws = RefCell::new(AttentionWorkspace::new());
+    b.run(
+        "C headwise_cache_evict_by_mass / attention_with_mass (emulator)",
+        300,
+        (
+            (prop_oneof![3 => 1u32..40, 1 => 0u32..3], 0u32..12, prop_oneof![4 => Just(0i64), 1 => -3i64..4]),
+            (pfault(), prop_oneof![Just(0usize), Just(segs), 0usize..7], any::<bool>()),
+        ),
+        |p, ((budget, recent, delta), (mf, compacted_len, attend))| {
+            let num_mass = (rows as i64 + delta).max(0) as usize;
+            let m = HostMem::new(num_mass * 4);
+            let mut rust_mass = EmuBuf::<f32>::zeros(num_mass).unwrap();
+            let mass_fault = faulted(&[(if num_mass == 0 { 0 } else { mf }, num_mass, "mass")]);
+            if attend {
+                let g = 2;
+                let n = segs * g * D;
+                let (q, o) = (HostMem::new(n * 2), HostMem::new(n * 2));
+                let (rq, mut ro) = (EmuBuf::<bf16>::zeros(n).unwrap(), EmuBuf::<bf16>::zeros(n).unwrap());
+                let rust = expect_of(pair.borrow().rust.attention_with_mass(
+                    &rq,
+                    g,
+                    &mut ro,
+                    None,
+                    &mut aws.borrow_mut(),
+                    &AttentionOptions::default(),
+                    &mut rust_mass,
+                ));
+                let expect = with_fault(rust, mass_fault);
+                // SAFETY: buffers of the counts passed (+16 bytes); live cache.
+                p.c_call(expect, || unsafe {
+                    headwise_cache_attention_with_mass(
+                        c_cache,
+                        q.ptr(),
+                        g,
+                        o.ptr(),
+                        null_mut(),
+                        0.0,
+                        0,
+                        fault_ptr(m.ptr(), mf).cast(),
+                        num_mass,
+                    )
+                })?;
+                return Ok(());
+            }
+            let opts = H2oOptions { budget: budget as usize, recent: recent as usize };
+            let rust = expect_of(evict_by_mass(
+                &mut pair.borrow_mut().rust,
+                &mut rust_mass,
+                &opts,
+                &mut ws.borrow_mut(),
+            ));
+            let mut faults = mass_fault;
+            if compacted_len != 0 && compacted_len != segs {
+                faults.push("compacted_len");
+            }
+            let expect = with_fault(rust, faults);
+            let mut compacted = vec![9u8; compacted_len];
+            let cp = if compacted_len == 0 { null_mut() } else { compacted.as_mut_ptr() };
+            // SAFETY: buffers of the counts passed (+16 bytes); live cache.
+            p.c_call(expect, || unsafe {
+                headwise_cache_evict_by_mass(
+                    c_cache,
+                    fault_ptr(m.ptr(), mf).cast(),
+                    num_mass,
+                    budget,
+                    recent,
+                    cp,
+                    compacted_len,
+                )
+            })?;
+            Ok(())
+        },
+    );
 }
