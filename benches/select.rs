@@ -91,6 +91,8 @@ fn bench(c: &mut Criterion) {
                 let most = match budgets {
                     Budgets::PerRow(b) => b.iter().copied().max().unwrap(),
                     Budgets::AdaKv { base, .. } => KV_HEADS as u32 * (base - WINDOW) + WINDOW,
+                    // Not benchmarked here: up to the whole prompt.
+                    Budgets::Threshold(_) => q as u32,
                 };
                 let mut lb = LayoutBuilder::new(1, KV_HEADS).headroom(most.min(q as u32));
                 for h in 0..KV_HEADS {

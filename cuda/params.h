@@ -110,7 +110,8 @@ typedef struct HwAttentionParams {
  *   final_stats:   [num_segments][G * window][2] f32: merged over splits
  *   scores:        [rows][n] f32, the reduced per-token score before pooling
  *   keys:          [rows][n] u32, pooled scores as order-preserving keys (NaN lowest)
- *   budgets:       [rows] i32 tokens to keep, window included (>= window); AdaKV writes them
+ *   budgets:       [rows] i32 tokens to keep, window included (>= window); AdaKV or the
+ *                  threshold kernel writes them
  *   kept:          [rows][len] i32 kept positions, ascending, min(budget, len) of them
  * The destination table `seg` has `rows` Full segments whose len the host has set to
  * min(budget, len); gather copies the kept rows there. */
@@ -165,6 +166,13 @@ typedef struct HwSelectParams {
     int32_t adakv_prefix_budget;
     int32_t adakv_floor;
     float adakv_keep;
+    /* Prefill sinks: the first `sink` tokens of each sequence rank above every score (their
+     * pooled key is order_key(+inf), and ties go to the lower position); AdaKV gives every row at
+     * least min(sink, n) prefix tokens. */
+    int32_t sink;
+    /* Threshold keep (select_threshold): a row keeps its prefix tokens whose pooled key is at
+     * least threshold_key (order_key of the threshold), plus the window. */
+    uint32_t threshold_key;
 } HwSelectParams;
 
 /* One R-KV eviction step for one layer (SPEC section 4), cuda/redundancy.cu. The host picks

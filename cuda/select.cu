@@ -18,6 +18,8 @@
 //                With given scores (select::compress_into_scored) the first kernel to run.
 //   adakv        (AdaKV only) one block per sequence: the global top (rows * Bp) keys over the
 //                sequence's rows, counts per row, floored and rounded to per-row budgets.
+//   threshold    (Budgets::Threshold only) one block per row: counts the pooled keys at or above
+//                the threshold; that count plus W is the row's budget.
 //   topk         one block per row: radix select (8-bit digits, four histogram passes over the
 //                keys in global memory, so rows of any length work) of the (budget - W) best
 //                prefix tokens, ties to the lower position, written in position order with the
@@ -234,7 +236,8 @@ __device__ void select_pool_body(const HwSelectParams& p) {
             for (int32_t j = lo; j <= hi; ++j) v += ld_global(sc + j);
             v /= float(p.pool_kernel);
         }
-        st_global(&p.keys[row.prefix + t], order_key(v));
+        // Sinks rank first whatever their score (ties at +inf go to the lower position: theirs).
+        st_global(&p.keys[row.prefix + t], order_key(t < p.sink ? INFINITY : v));
     }
 }
 
@@ -287,11 +290,25 @@ __device__ void select_adakv_body(const HwSelectParams& p) {
             const int64_t taken = gt + max(int64_t(0), min(eq, th.take_eq - eq_before));
             // Separate roundings (no FMA contraction), as torch's multiply then add.
             float c = rintf(__fadd_rn(__fmul_rn(float(taken), p.adakv_keep), float(p.adakv_floor)));
-            c = fminf(fmaxf(c, 0.0f), float(n));
+            c = fminf(fmaxf(c, float(min(p.sink, n))), float(n));
             p.budgets[first + h] = int32_t(c) + W;
         }
         eq_before += eq;
     }
+}
+
+// Threshold keep, one block per score row: the row's budget is the window plus its prefix
+// tokens whose pooled key is at least threshold_key (NaN never is, sinks always are); the topk
+// kernel then keeps exactly those. The count is a block reduction of integers: deterministic.
+__device__ void select_threshold_body(const HwSelectParams& p) {
+    const RowSpan row = RowSpan::load(p.prompt, blockIdx.x, rows_per_segment(p));
+    const uint32_t* keys = p.keys + row.prefix;
+    int64_t count = 0;
+    for (int64_t base = 0; base < row.n; base += kTopThreads) {
+        const int64_t t = base + threadIdx.x;
+        count += __syncthreads_count(t < row.n && ld_global(keys + t) >= p.threshold_key);
+    }
+    if (threadIdx.x == 0) p.budgets[blockIdx.x] = int32_t(count) + p.prompt.window;
 }
 
 // KNorm (kvpress's KnormPress): a prefix token's score is -||k||, the f32 norm of its key row
@@ -377,7 +394,8 @@ __device__ void select_gather_body(const HwSelectParams& p) {
     X(hw_select_stats_merge, hw::select_stats_merge_body, 256)       \
     X(hw_select_pool, hw::select_pool_body, 256)                     \
     X(hw_select_topk, hw::select_topk_body, hw::kTopThreads)         \
-    X(hw_select_adakv, hw::select_adakv_body, hw::kTopThreads)
+    X(hw_select_adakv, hw::select_adakv_body, hw::kTopThreads)       \
+    X(hw_select_threshold, hw::select_threshold_body, hw::kTopThreads)
 
 #define HW_SELECT_TILE_ENTRY(name, kind, T, D) \
     HW_KERNEL_ENTRY_BOUNDED(name, HwSelectParams, hw::kSelThreads, (hw::select_##kind##_body<T, D>(p)))

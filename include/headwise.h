@@ -297,6 +297,11 @@ typedef struct HeadwiseSelectOptions {
      * `headwise_cache_compress_into_scored`, whose scores are given.
      */
     int score;
+    /**
+     * Attention sinks: the first `sink` tokens of each sequence always kept, ahead of every
+     * score (default 0; budgets must be at least `window + sink`; at most `q_len`).
+     */
+    uint32_t sink;
 } HeadwiseSelectOptions;
 
 /**
@@ -981,6 +986,22 @@ int headwise_cache_compress_into_adakv(struct HeadwiseCache *cache,
                                        const struct HeadwiseSelectOptions *opts,
                                        uint32_t base,
                                        float floor_alpha);
+
+/**
+ * As `headwise_cache_compress_into` with threshold keep counted on the device after scoring:
+ * each row keeps the prefix tokens whose pooled score is at least `threshold` (not NaN; NaN
+ * scores never pass, sinks always do) plus the window. Segment capacities must hold each row's
+ * count (at most its sequence's length), or the call fails before the gather.
+ *
+ * Synchronous with the stream, as `headwise_cache_compress_into_adakv`.
+ *
+ * # Safety
+ * As `headwise_cache_compress_into`.
+ */
+int headwise_cache_compress_into_threshold(struct HeadwiseCache *cache,
+                                           const struct HeadwisePrompt *prompt,
+                                           const struct HeadwiseSelectOptions *opts,
+                                           float threshold);
 
 /**
  * As `headwise_cache_compress_into` with the prefix scores given instead of computed: the

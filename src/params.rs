@@ -304,10 +304,12 @@ pub struct HwSelectParams {
     pub adakv_prefix_budget: i32,
     pub adakv_floor: i32,
     pub adakv_keep: f32,
+    pub sink: i32,
+    pub threshold_key: u32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of HwSelectParams"][::core::mem::size_of::<HwSelectParams>() - 232usize];
+    ["Size of HwSelectParams"][::core::mem::size_of::<HwSelectParams>() - 240usize];
     ["Alignment of HwSelectParams"][::core::mem::align_of::<HwSelectParams>() - 8usize];
     [
         "Offset of field: HwSelectParams::k",
@@ -387,6 +389,12 @@ const _: () = {
     [
         "Offset of field: HwSelectParams::adakv_keep",
     ][::core::mem::offset_of!(HwSelectParams, adakv_keep) - 224usize];
+    [
+        "Offset of field: HwSelectParams::sink",
+    ][::core::mem::offset_of!(HwSelectParams, sink) - 228usize];
+    [
+        "Offset of field: HwSelectParams::threshold_key",
+    ][::core::mem::offset_of!(HwSelectParams, threshold_key) - 232usize];
 };
 impl Default for HwSelectParams {
     fn default() -> Self {

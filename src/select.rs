@@ -128,6 +128,11 @@ pub struct SelectOptions {
     pub scale: Option<f32>,
     /// How the prefix is scored ([`compress_into_scored`] takes the scores instead).
     pub score: Score,
+    /// Attention sinks: the first `sink` tokens of each sequence are always kept, ahead of every
+    /// score (StreamingLLM's sinks; kvpress protects them too). Per-row budgets must then be at
+    /// least `window + sink`; AdaKV gives every row at least them. At most `q_len`; a sequence
+    /// shorter than `window + sink` keeps the sinks its prefix has. Default 0.
+    pub sink: usize,
     /// Extra rows reserved per segment of the compressed cache for decoding ([`compress`] only).
     pub headroom: u32,
     /// Forces the prompt chunk (tokens per block) of the scoring passes instead of the planner's
@@ -145,6 +150,7 @@ impl Default for SelectOptions {
             granularity: Granularity::KvHead,
             scale: None,
             score: Score::SnapKv,
+            sink: 0,
             headroom: 0,
             chunk_tokens: None,
         }
@@ -168,6 +174,10 @@ pub enum Budgets<'a> {
         /// Share of the prefix budget every row gets regardless of scores (authors: 0.2), in [0, 1].
         floor_alpha: f32,
     },
+    /// Threshold keep, counted on the device after scoring: each row keeps the prefix tokens
+    /// whose pooled score is at least `threshold` (NaN never, sinks always), plus the window; the
+    /// count varies per row (kvpress's threshold presses, e.g. KVzap's). Not NaN.
+    Threshold(f32),
 }
 
 /// Scratch memory of [`compress`], reused across calls and grown on demand. After a call it
@@ -246,6 +256,16 @@ impl<S: Store> SelectWorkspace<S> {
     }
 }
 
+/// The kernels' order-preserving key of a score (`order_key` in cuda/topk.cuh): NaN lowest, -0
+/// as +0.
+pub(crate) fn order_key(x: f32) -> u32 {
+    if x.is_nan() {
+        return 0;
+    }
+    let b = if x == 0.0 { 0 } else { x.to_bits() };
+    if b & 0x8000_0000 != 0 { !b } else { b | 0x8000_0000 }
+}
+
 /// Inverse of the kernels' order-preserving key (`order_key` in cuda/topk.cuh; -0 reads as +0).
 pub(crate) fn key_to_score(key: u32) -> f32 {
     if key == 0 {
@@ -269,6 +289,7 @@ struct Shape {
     /// The longest sequence.
     q: usize,
     window: usize,
+    sink: usize,
     head_dim: usize,
 }
 
@@ -298,6 +319,9 @@ fn check_prompt<S: Store, T: KvElem>(
         // Wider than the prompt changes nothing but can overflow the kernels' int32 radius.
         return Err(Error::invalid("pool_kernel", format!("{} exceeds q_len {}", opts.pool_kernel, p.q_len)));
     }
+    if opts.sink > p.q_len {
+        return Err(Error::invalid("sink", format!("{} exceeds q_len {}", opts.sink, p.q_len)));
+    }
     // Geometry bounded the rows and their entries by int32 rows: every score, key and kept
     // entry index stays below it.
     let segments = geo.segments();
@@ -316,6 +340,7 @@ fn check_prompt<S: Store, T: KvElem>(
         group: p.group_size,
         q: p.q_len,
         window: opts.window,
+        sink: opts.sink,
         head_dim: p.head_dim,
         geo,
     })
@@ -331,11 +356,15 @@ fn check_budgets(shape: &Shape, budgets: &Budgets<'_>) -> Result<Option<Vec<u32>
                     format!("{} budgets for {} score rows", b.len(), shape.rows),
                 ));
             }
+            let least = shape.window + shape.sink;
             for (i, &x) in b.iter().enumerate() {
-                if (x as usize) < shape.window {
+                if (x as usize) < least {
                     return Err(Error::invalid(
                         format!("budgets[{i}]"),
-                        format!("{x} is below the window {} (budgets include the window)", shape.window),
+                        format!(
+                            "{x} is below window {} + sink {} (budgets include both)",
+                            shape.window, shape.sink
+                        ),
                     ));
                 }
             }
@@ -360,6 +389,12 @@ fn check_budgets(shape: &Shape, budgets: &Budgets<'_>) -> Result<Option<Vec<u32>
                     "budgets.base",
                     format!("rows * (base - window) exceeds {MAX_ROWS}"),
                 ));
+            }
+            Ok(None)
+        }
+        Budgets::Threshold(t) => {
+            if t.is_nan() {
+                return Err(Error::invalid("budgets.threshold", "is NaN"));
             }
             Ok(None)
         }
@@ -406,7 +441,10 @@ pub fn compress<S: Store, T: KvElem>(
             b.iter().enumerate().map(|(r, &x)| (x as usize).min(shape.row_len(r)) as u64),
             opts.headroom,
         )?,
-        None => check_packed(std::iter::repeat_n(shape.window as u64, shape.rows), opts.headroom)?,
+        None => check_packed(
+            (0..shape.rows).map(|r| (shape.window + shape.sink.min(shape.row_len(r) - shape.window)) as u64),
+            opts.headroom,
+        )?,
     }
     let kept = score_and_select(store, prompt, None, &shape, &budgets, known.as_deref(), opts, ws)?;
     let mut segments = Vec::with_capacity(shape.rows);
@@ -652,6 +690,8 @@ fn base_params(shape: &Shape, opts: &SelectOptions, chunk: usize, cu: *const i32
         adakv_prefix_budget: 0,
         adakv_floor: 0,
         adakv_keep: 1.0,
+        sink: shape.sink as i32,
+        threshold_key: 0,
     })
 }
 
@@ -690,6 +730,9 @@ fn score_and_select<S: Store, T: KvElem>(
         None => store.zeros(rows)?,
     };
     ws.budgets = Some(budget_buf);
+    if let Budgets::Threshold(t) = *budgets {
+        params.threshold_key = order_key(t);
+    }
     if let Budgets::AdaKv { base, floor_alpha } = *budgets {
         let bp = base as usize - shape.window;
         params.adakv_prefix_budget = bp as i32;
@@ -706,6 +749,7 @@ fn score_and_select<S: Store, T: KvElem>(
     let merge_k = lookup("hw_select_stats_merge", "kernel")?;
     let pool_k = lookup("hw_select_pool", "kernel")?;
     let adakv_k = lookup("hw_select_adakv", "kernel")?;
+    let threshold_k = lookup("hw_select_threshold", "kernel")?;
     let topk_k = lookup("hw_select_topk", "kernel")?;
     let knorm_k = lookup(&format!("hw_select_knorm_{dt}_d{d}"), "head_dim")?;
     if let Some(g) = given
@@ -776,8 +820,14 @@ fn score_and_select<S: Store, T: KvElem>(
             let pool = HwLaunch { grid_y: y, ..launch_1d(rows, ELEMENTWISE_THREADS, 0) };
             unsafe { store.launch(pool_k, &pool, &params)? };
         }
-        if known.is_none() {
-            unsafe { store.launch(adakv_k, &launch_1d(prompt.batch, TOP_THREADS, 0), &params)? };
+        match budgets {
+            Budgets::PerRow(_) => {}
+            Budgets::AdaKv { .. } => unsafe {
+                store.launch(adakv_k, &launch_1d(prompt.batch, TOP_THREADS, 0), &params)?
+            },
+            Budgets::Threshold(_) => unsafe {
+                store.launch(threshold_k, &launch_1d(rows, TOP_THREADS, 0), &params)?
+            },
         }
         unsafe { store.launch(topk_k, &launch_1d(rows, TOP_THREADS, 0), &params)? };
         drop(pins);

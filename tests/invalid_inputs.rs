@@ -94,6 +94,7 @@ const ENTRY_POINTS: &[fn(&mut Battery)] = &[
     select_compress_into,
     select_compress_into_scored,
     select_compress_packed,
+    select_sinks_threshold,
     scores_expected_attention,
     rkv_evict,
     h2o_evict_by_mass,
@@ -2154,6 +2155,7 @@ fn sel_case() -> impl Strategy<Value = SelCase> {
             scale,
             // The queries' faults below are faults of SnapKV scoring.
             score: Score::SnapKv,
+            sink: 0,
             headroom,
             chunk_tokens,
         };
@@ -2652,6 +2654,77 @@ fn select_compress_packed(b: &mut Battery) {
             let budgets = vec![window as u32 + 3; batch * kv_heads];
             let mut ws = SelectWorkspace::new();
             p.call(expect, || compress(&s, &prompt, Budgets::PerRow(&budgets), &opts, &mut ws).map(|_| ()))?;
+            Ok(())
+        },
+    );
+}
+
+/// Attention sinks and threshold keep: a valid KNorm prompt, sinks up to past q_len, per-row
+/// budgets around window + sink, thresholds including NaN and the infinities; the field named
+/// must be the fault's (sink first, then the budgets).
+fn select_sinks_threshold(b: &mut Battery) {
+    b.run(
+        "select::compress (sinks, threshold)",
+        1_000,
+        (
+            (1usize..3, 1usize..30, 1usize..6, 0usize..34),
+            prop_oneof![
+                2 => prop::collection::vec(0u32..40, 1..3).prop_map(Some),
+                1 => Just(None),
+            ],
+            prop_oneof![Just(f32::NAN), Just(f32::INFINITY), Just(f32::NEG_INFINITY), -2.0f32..2.0],
+        ),
+        |p, ((kv_heads, q, window, sink), per_row, threshold)| {
+            let s = store(p);
+            let (d, window) = (64, 1 + (window - 1) % q);
+            let (k, none) = (s.zeros::<bf16>(kv_heads * q * d).unwrap(), s.zeros::<bf16>(0).unwrap());
+            let prompt = Prompt {
+                k: &k,
+                v: &k,
+                queries: &none,
+                batch: 1,
+                kv_heads,
+                group_size: 1,
+                q_len: q,
+                head_dim: d,
+                packing: Default::default(),
+            };
+            let opts = SelectOptions {
+                window,
+                pool_kernel: 1,
+                sink,
+                score: Score::KeyNorm,
+                ..SelectOptions::default()
+            };
+            let rows: Vec<u32> = match &per_row {
+                Some(v) => (0..kv_heads).map(|r| v[r % v.len()]).collect(),
+                None => Vec::new(),
+            };
+            let (budgets, expect) = match per_row {
+                Some(_) => {
+                    let low = rows.iter().position(|&x| (x as usize) < window + sink);
+                    let e = if sink > q {
+                        invalid("sink")
+                    } else if let Some(i) = low {
+                        invalid(format!("budgets[{i}]"))
+                    } else {
+                        Expect::Ok
+                    };
+                    (Budgets::PerRow(&rows), e)
+                }
+                None => {
+                    let e = if sink > q {
+                        invalid("sink")
+                    } else if threshold.is_nan() {
+                        invalid("budgets.threshold")
+                    } else {
+                        Expect::Ok
+                    };
+                    (Budgets::Threshold(threshold), e)
+                }
+            };
+            let mut ws = SelectWorkspace::new();
+            p.call(expect, || compress(&s, &prompt, budgets, &opts, &mut ws).map(|_| ()))?;
             Ok(())
         },
     );

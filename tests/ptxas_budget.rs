@@ -70,6 +70,7 @@ fn launch_rules(kernel: &str) -> (u32, &'static str) {
         ("hw_select_pool", 256, "-"),               // select.rs ELEMENTWISE_THREADS
         ("hw_select_adakv", 256, "-"),              // select.rs TOP_THREADS
         ("hw_select_topk", 256, "-"),               // select.rs TOP_THREADS
+        ("hw_select_threshold", 256, "-"),          // select.rs TOP_THREADS
         ("hw_select_gather_", 128, "ldg128"),       // select.rs TILE_THREADS
     ];
     RULES

@@ -395,3 +395,11 @@ fn key_norm_and_given_scores_every_dtype_and_head_dim() {
         common::select::key_norm_and_given_scores::<_, bf16>(&EmuStore, d, 17 + d as u64);
     }
 }
+
+#[test]
+fn sinks_and_threshold_keep_every_dtype_and_head_dim() {
+    for d in headwise::dtype::SUPPORTED_HEAD_DIMS {
+        common::select::sinks_and_threshold::<_, f16>(&EmuStore, d, 23 + d as u64);
+        common::select::sinks_and_threshold::<_, bf16>(&EmuStore, d, 29 + d as u64);
+    }
+}

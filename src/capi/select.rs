@@ -53,6 +53,9 @@ pub struct HeadwiseSelectOptions {
     /// `HEADWISE_SCORE_SNAPKV` (default) or `HEADWISE_SCORE_KNORM`; not used by
     /// `headwise_cache_compress_into_scored`, whose scores are given.
     pub score: c_int,
+    /// Attention sinks: the first `sink` tokens of each sequence always kept, ahead of every
+    /// score (default 0; budgets must be at least `window + sink`; at most `q_len`).
+    pub sink: u32,
 }
 
 impl HeadwiseSelectOptions {
@@ -88,6 +91,7 @@ impl HeadwiseSelectOptions {
                     return Err(Error::invalid("opts.score", format!("{s} is not a HEADWISE_SCORE_* value")));
                 }
             },
+            sink: self.sink as usize,
             headroom: 0,
             chunk_tokens: (self.chunk_tokens != 0).then_some(self.chunk_tokens),
         })
@@ -113,6 +117,7 @@ pub unsafe extern "C" fn headwise_select_options_default(out: *mut HeadwiseSelec
             scale: 0.0,
             chunk_tokens: 0,
             score: HEADWISE_SCORE_SNAPKV,
+            sink: 0,
         };
         Ok(())
     })
@@ -235,13 +240,19 @@ fn compress_typed<S: CStore, T: KvElem>(
 ///
 /// # Safety
 /// As `headwise_cache_compress_into`.
+/// Budgets the device counts after scoring.
+enum DeviceBudgets {
+    AdaKv(u32, f32),
+    Threshold(f32),
+}
+
 unsafe fn compress(
     cache: *mut HeadwiseCache,
     prompt: *const HeadwisePrompt,
     opts: *const HeadwiseSelectOptions,
     budgets: *const u32,
     num_budgets: usize,
-    adakv: Option<(u32, f32)>,
+    device_budgets: Option<DeviceBudgets>,
     given: Option<(*const f32, usize)>,
 ) -> c_int {
     boundary(|| {
@@ -253,8 +264,9 @@ unsafe fn compress(
         } else {
             unsafe { input_struct(opts, "opts") }?.to_rust()?
         };
-        let budgets = match adakv {
-            Some((base, floor_alpha)) => Budgets::AdaKv { base, floor_alpha },
+        let budgets = match device_budgets {
+            Some(DeviceBudgets::AdaKv(base, floor_alpha)) => Budgets::AdaKv { base, floor_alpha },
+            Some(DeviceBudgets::Threshold(t)) => Budgets::Threshold(t),
             None => Budgets::PerRow(unsafe { input(budgets, num_budgets, "budgets") }?),
         };
         with_cache!(&mut cache.inner, c, ws => compress_typed(c, &mut ws.select, prompt, &opts, budgets, given))
@@ -308,7 +320,39 @@ pub unsafe extern "C" fn headwise_cache_compress_into_adakv(
     floor_alpha: f32,
 ) -> c_int {
     // SAFETY: forwarded.
-    unsafe { compress(cache, prompt, opts, std::ptr::null(), 0, Some((base, floor_alpha)), None) }
+    unsafe {
+        compress(
+            cache,
+            prompt,
+            opts,
+            std::ptr::null(),
+            0,
+            Some(DeviceBudgets::AdaKv(base, floor_alpha)),
+            None,
+        )
+    }
+}
+
+/// As `headwise_cache_compress_into` with threshold keep counted on the device after scoring:
+/// each row keeps the prefix tokens whose pooled score is at least `threshold` (not NaN; NaN
+/// scores never pass, sinks always do) plus the window. Segment capacities must hold each row's
+/// count (at most its sequence's length), or the call fails before the gather.
+///
+/// Synchronous with the stream, as `headwise_cache_compress_into_adakv`.
+///
+/// # Safety
+/// As `headwise_cache_compress_into`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn headwise_cache_compress_into_threshold(
+    cache: *mut HeadwiseCache,
+    prompt: *const HeadwisePrompt,
+    opts: *const HeadwiseSelectOptions,
+    threshold: f32,
+) -> c_int {
+    // SAFETY: forwarded.
+    unsafe {
+        compress(cache, prompt, opts, std::ptr::null(), 0, Some(DeviceBudgets::Threshold(threshold)), None)
+    }
 }
 
 /// As `headwise_cache_compress_into` with the prefix scores given instead of computed: the

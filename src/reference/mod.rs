@@ -194,6 +194,20 @@ pub fn select_positions(scores: &[f64], window: usize, budget: usize) -> Vec<usi
     kept
 }
 
+/// Sink protection (`SelectOptions::sink`): the first `sink` prefix tokens score `+inf`, so they
+/// rank above every score and win ties at `+inf` by their lower positions.
+pub fn protect_sinks(scores: &mut [f64], sink: usize) {
+    let n = scores.len().min(sink);
+    scores[..n].fill(f64::INFINITY);
+}
+
+/// Threshold keep (`Budgets::Threshold`): the budget, window included, that keeps the prefix
+/// tokens scoring at least `threshold` (NaN never does); [`select_positions`] with it keeps
+/// exactly those.
+pub fn threshold_budget(scores: &[f64], window: usize, threshold: f64) -> usize {
+    window + scores.iter().filter(|&&x| x >= threshold).count()
+}
+
 /// Score order of the selections: NaN below everything (`-inf` included), numbers by value
 /// (`-0.0 == 0.0`, a tie). The kernels' keys (`order_key` in cuda/topk.cuh) order the same way.
 pub(crate) fn rank_cmp(a: f64, b: f64) -> std::cmp::Ordering {

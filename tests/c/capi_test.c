@@ -787,6 +787,30 @@ static void test_emulator(void) {
     s = segments_of(knorm);
     CHECK(s.len[0] == budgets[0] && s.len[1] == budgets[1]);
 
+    /* Sinks and threshold keep (KNorm scores): +inf keeps the sinks and the window only; -inf
+     * keeps every prefix token, more than the segments hold (refused before the gather). */
+    {
+        HeadwiseCache *th = NULL;
+        uint16_t *k10 = bf16_array(total_rows * D, 0), *v10 = bf16_array(total_rows * D, 0);
+        OK(headwise_cache_create(store, layout, HEADWISE_DTYPE_BF16, D, k10, v10, &th));
+        HeadwiseSelectOptions sinks = opts;
+        sinks.score = HEADWISE_SCORE_KNORM;
+        sinks.sink = 2;
+        INVALID(headwise_cache_compress_into_threshold(th, &no_queries, &sinks, NAN), "budgets.threshold");
+        INVALID(headwise_cache_compress_into_threshold(th, &no_queries, &sinks, -INFINITY), "capacity");
+        OK(headwise_cache_compress_into_threshold(th, &no_queries, &sinks, INFINITY));
+        Segs t = segments_of(th);
+        for (int h = 0; h < KV; h++) {
+            CHECK(t.len[h] == WIN + 2);
+            for (uint32_t i = 0; i < t.len[h]; i++)
+                CHECK(source_of(k10, t.offset[h] + i, pk, h) == (int)(i < 2 ? i : Q_LEN - WIN + (i - 2)));
+        }
+        sinks.sink = Q_LEN + 1;
+        INVALID(headwise_cache_compress_into_threshold(th, &no_queries, &sinks, 0.0f), "sink");
+        OK(headwise_cache_free(th));
+        free(k10), free(v10);
+    }
+
     /* The packed (token-major, cu_seqlens) form of the same prompt: K/V [Q_LEN][KV][D], every
      * token's queries [Q_LEN][HEADS][D] (the window's are pq); the selection and the kept rows
      * must be the head-major call's. */

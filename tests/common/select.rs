@@ -729,3 +729,133 @@ pub fn key_norm_and_given_scores<S: Store, T: KvElem>(store: &S, head_dim: usize
         .unwrap_err();
     assert!(matches!(&err, Error::Invalid { field, .. } if field == "queries"), "{err}");
 }
+
+/// Attention sinks ([`SelectOptions::sink`]) and threshold keep ([`Budgets::Threshold`]), with
+/// per-row budgets, AdaKV and thresholds, per KV head and per query head, on given scores (with
+/// ties, NaN and -inf) and on KNorm, against the reference: sinks scored `+inf` after pooling
+/// (`reference::protect_sinks`), the threshold's count (`reference::threshold_budget`), then
+/// the same top-k. Token-exact: given scores pool by max (no rounding) and the KNorm keys'
+/// norms are exact multiples of `sqrt(head_dim)`.
+pub fn sinks_and_threshold<S: Store, T: KvElem>(store: &S, head_dim: usize, seed: u64) {
+    use headwise::select::{Score, compress, compress_into_scored};
+    let (batch, kv_heads, group, q, window, sink) = (2usize, 2usize, 2usize, 41usize, 5usize, 3usize);
+    let n = q - window;
+    let segments = batch * kv_heads;
+    let mut x = seed | 1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut k_host = Vec::with_capacity(segments * q * head_dim);
+    for _ in 0..segments * q {
+        let a = ((next() % 12) as f32 + 1.0) / 16.0;
+        k_host.extend(std::iter::repeat_n(T::from_f32(a), head_dim));
+    }
+    let (k, none) = (store.upload(&k_host).unwrap(), store.zeros::<T>(0).unwrap());
+    let prompt = Prompt {
+        k: &k,
+        v: &k,
+        queries: &none,
+        batch,
+        kv_heads,
+        group_size: group,
+        q_len: q,
+        head_dim,
+        packing: Default::default(),
+    };
+    for granularity in [Granularity::KvHead, Granularity::QueryHead] {
+        let g = if granularity == Granularity::QueryHead { group } else { 1 };
+        let rows = segments * g;
+        let given: Vec<f32> = (0..rows * n)
+            .map(|_| match next() % 16 {
+                0 => f32::NAN,
+                1 => f32::NEG_INFINITY,
+                r => (r % 6) as f32,
+            })
+            .collect();
+        let given_buf = store.upload(&given).unwrap();
+        for pool_kernel in [1usize, 3] {
+            // Reference pooled scores per row, sinks protected.
+            let pooled = |knorm: bool| -> Vec<Vec<f64>> {
+                (0..rows)
+                    .map(|r| {
+                        let raw: Vec<f64> = if knorm {
+                            let s = r / g;
+                            reference::knorm_scores(
+                                &k_host[s * q * head_dim..(s + 1) * q * head_dim],
+                                head_dim,
+                                window,
+                            )
+                        } else {
+                            given[r * n..(r + 1) * n].iter().map(|&v| f64::from(v)).collect()
+                        };
+                        let mut p = reference::pool_scores(&raw, pool_kernel, Pool::Max);
+                        reference::protect_sinks(&mut p, sink);
+                        p
+                    })
+                    .collect()
+            };
+            let per_row: Vec<u32> = (0..rows).map(|r| (window + sink + (r * 7) % 20) as u32).collect();
+            for knorm in [false, true] {
+                let want_scores = pooled(knorm);
+                let opts = SelectOptions {
+                    window,
+                    pool_kernel,
+                    granularity,
+                    sink,
+                    score: if knorm { Score::KeyNorm } else { Score::SnapKv },
+                    ..SelectOptions::default()
+                };
+                for budgets in [
+                    Budgets::PerRow(&per_row),
+                    Budgets::AdaKv { base: 12, floor_alpha: 0.2 },
+                    // Fewer prefix tokens per row than sinks: the global top is sinks only, so
+                    // the floor of min(sink, n) per row decides.
+                    Budgets::AdaKv { base: (window + 2) as u32, floor_alpha: 0.2 },
+                    Budgets::Threshold(2.0),
+                    Budgets::Threshold(-0.5),
+                    Budgets::Threshold(f32::NEG_INFINITY),
+                    Budgets::Threshold(f32::INFINITY),
+                ] {
+                    let ctx = format!(
+                        "{budgets:?}, knorm {knorm}, pool {pool_kernel}, {granularity:?}, d{head_dim}"
+                    );
+                    let mut ws = SelectWorkspace::new();
+                    if knorm {
+                        compress(store, &prompt, budgets, &opts, &mut ws).unwrap();
+                    } else {
+                        let l = headwise::LayoutBuilder::new(batch, kv_heads * g).headroom(q as u32);
+                        let l = (0..rows).fold(l, |l, r| l.full(r / (kv_heads * g), r % (kv_heads * g), 0));
+                        let mut dest = LayerCache::new(store, l.build().unwrap(), head_dim).unwrap();
+                        compress_into_scored(&mut dest, &prompt, &given_buf, budgets, &opts, &mut ws)
+                            .unwrap();
+                    }
+                    let kept = ws.kept(store).unwrap();
+                    let want_budgets: Vec<usize> = match budgets {
+                        Budgets::PerRow(b) => b.iter().map(|&x| x as usize).collect(),
+                        Budgets::AdaKv { base, floor_alpha } => (0..batch)
+                            .flat_map(|b| {
+                                let seq = &want_scores[b * kv_heads * g..(b + 1) * kv_heads * g];
+                                reference::adakv_budgets(seq, window, base as usize, floor_alpha)
+                                    .into_iter()
+                                    .map(|x| x.max(window + sink))
+                            })
+                            .collect(),
+                        Budgets::Threshold(t) => want_scores
+                            .iter()
+                            .map(|s| reference::threshold_budget(s, window, f64::from(t)))
+                            .collect(),
+                    };
+                    for r in 0..rows {
+                        let want = reference::select_positions(&want_scores[r], window, want_budgets[r]);
+                        let got: Vec<usize> = kept[r].iter().map(|&p| p as usize).collect();
+                        assert_eq!(got, want, "{ctx}: row {r}");
+                        assert!((0..sink).all(|t| got.contains(&t)), "{ctx}: row {r} lost a sink");
+                    }
+                }
+            }
+        }
+    }
+}
