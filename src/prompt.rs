@@ -12,6 +12,33 @@ use crate::store::Store;
 pub const MAX_GROUP: usize = 16;
 
 /// How a [`Prompt`]'s rows are laid out.
+///
+/// Two packed sequences of 6 and 4 tokens, compressed in one call (KNorm scores, so no queries;
+/// equal keys tie, and ties keep the lower positions):
+///
+/// ```
+/// # fn main() -> headwise::Result<()> {
+/// use headwise::select::{self, Budgets, Packing, Prompt, Score, SelectOptions, SelectWorkspace};
+/// use headwise::{EmuStore, Store};
+/// use half::bf16;
+/// let (d, cu) = (64, [0u32, 6, 10]);
+/// // [total = 10 tokens][kv_heads = 1][d], token-major.
+/// let k = EmuStore.upload(&vec![bf16::ONE; 10 * d])?;
+/// let none = EmuStore.zeros::<bf16>(0)?;
+/// let prompt = Prompt {
+///     k: &k, v: &k, queries: &none, batch: 2, kv_heads: 1, group_size: 1,
+///     q_len: 6, // the longest sequence
+///     head_dim: d, packing: Packing::Varlen { cu_seqlens: &cu },
+/// };
+/// let opts = SelectOptions { window: 2, pool_kernel: 1, score: Score::KeyNorm, ..SelectOptions::default() };
+/// let mut ws = SelectWorkspace::new();
+/// let cache = select::compress(&EmuStore, &prompt, Budgets::PerRow(&[3, 3]), &opts, &mut ws)?;
+/// // Positions within each sequence: the best prefix token, then the window.
+/// assert_eq!(ws.kept(&EmuStore)?, vec![vec![0, 4, 5], vec![0, 2, 3]]);
+/// assert_eq!(cache.layout().segments()[1].len, 3);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Packing<'a> {
     /// Head-major, every sequence `q_len` tokens: `k`/`v` are `[batch][kv_heads][q_len]

@@ -177,6 +177,30 @@ pub enum Budgets<'a> {
     /// Threshold keep, counted on the device after scoring: each row keeps the prefix tokens
     /// whose pooled score is at least `threshold` (NaN never, sinks always), plus the window; the
     /// count varies per row (kvpress's threshold presses, e.g. KVzap's). Not NaN.
+    ///
+    /// ```
+    /// # fn main() -> headwise::Result<()> {
+    /// use headwise::select::{self, Budgets, Packing, Prompt, SelectOptions, SelectWorkspace};
+    /// use headwise::{EmuStore, LayerCache, LayoutBuilder, Store};
+    /// use half::bf16;
+    /// let (q_len, d) = (8, 64);
+    /// let k = EmuStore.upload(&vec![bf16::ONE; q_len * d])?;
+    /// let none = EmuStore.zeros::<bf16>(0)?;
+    /// let prompt = Prompt {
+    ///     k: &k, v: &k, queries: &none, batch: 1, kv_heads: 1, group_size: 1, q_len,
+    ///     head_dim: d, packing: Packing::HeadMajor,
+    /// };
+    /// // Six prefix tokens scored by the caller; token 0 is a sink.
+    /// let scores = EmuStore.upload(&[0.0f32, 0.9, 0.2, 0.5, f32::NAN, 0.5])?;
+    /// let opts = SelectOptions { window: 2, pool_kernel: 1, sink: 1, ..SelectOptions::default() };
+    /// let layout = LayoutBuilder::new(1, 1).headroom(q_len as u32).full(0, 0, 0).build()?;
+    /// let mut cache = LayerCache::new(&EmuStore, layout, d)?;
+    /// let mut ws = SelectWorkspace::new();
+    /// select::compress_into_scored(&mut cache, &prompt, &scores, Budgets::Threshold(0.5), &opts, &mut ws)?;
+    /// assert_eq!(ws.kept(&EmuStore)?, vec![vec![0, 1, 3, 5, 6, 7]]);
+    /// # Ok(())
+    /// # }
+    /// ```
     Threshold(f32),
 }
 
