@@ -51,6 +51,7 @@ MEMCHECK = (
     "attention_matches_reference_on_gpu",
     "select_compress_into_on_gpu",
     "rkv_matches_reference_on_gpu",
+    "h2o_matches_reference_on_gpu",
 )
 RACE_SYNC = ("select_compress_into_on_gpu", "rkv_matches_reference_on_gpu")
 # Kernel family -> (test that launches it, ncu kernel-name regex, launches profiled, box s).
