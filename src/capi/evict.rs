@@ -238,17 +238,7 @@ pub unsafe extern "C" fn headwise_cache_evict(
             .map(|f| f.iter().map(|&x| x != 0).collect());
         let trigger = forced.as_deref().map_or(RkvTrigger::Threshold, RkvTrigger::Forced);
         let n = with_cache!(&cache.inner, c, _ws => c.layout().segments().len());
-        let compacted = if compacted.is_null() {
-            None
-        } else {
-            if compacted_len != n {
-                return Err(Error::invalid(
-                    "compacted_len",
-                    format!("{compacted_len}, expected num_segments {n}"),
-                ));
-            }
-            Some(unsafe { output(compacted, compacted_len, "compacted") }?)
-        };
+        let compacted = unsafe { compacted_flags(compacted, compacted_len, n) }?;
         // With one backend built, the mismatch arm cannot be reached.
         #[allow(unreachable_patterns)]
         let done = match (&mut cache.inner, &ring.inner) {
@@ -314,17 +304,7 @@ pub unsafe extern "C" fn headwise_cache_evict_by_mass(
         let cache = unsafe { handle_mut(cache, "cache") }?;
         let opts = crate::heavy_hitters::H2oOptions { budget: budget as usize, recent: recent as usize };
         let n = with_cache!(&cache.inner, c, _ws => c.layout().segments().len());
-        let compacted = if compacted.is_null() {
-            None
-        } else {
-            if compacted_len != n {
-                return Err(Error::invalid(
-                    "compacted_len",
-                    format!("{compacted_len}, expected num_segments {n}"),
-                ));
-            }
-            Some(unsafe { output(compacted, compacted_len, "compacted") }?)
-        };
+        let compacted = unsafe { compacted_flags(compacted, compacted_len, n) }?;
         let done = with_cache!(&mut cache.inner, c, ws => {
             let mut m = unsafe { borrow_in::<_, f32>(c.store(), mass.cast_const().cast(), num_mass, "mass") }?;
             crate::heavy_hitters::evict_by_mass(c, &mut m, &opts, &mut ws.h2o)
@@ -336,4 +316,24 @@ pub unsafe extern "C" fn headwise_cache_evict_by_mass(
         }
         Ok(())
     })
+}
+
+/// The optional `compacted[compacted_len]` output of both evictions: NULL, or exactly one flag
+/// per segment (`n`).
+///
+/// # Safety
+/// `compacted` NULL or `compacted_len` writable bytes.
+unsafe fn compacted_flags<'a>(
+    compacted: *mut u8,
+    compacted_len: usize,
+    n: usize,
+) -> Result<Option<&'a mut [u8]>> {
+    if compacted.is_null() {
+        return Ok(None);
+    }
+    if compacted_len != n {
+        return Err(Error::invalid("compacted_len", format!("{compacted_len}, expected num_segments {n}")));
+    }
+    // SAFETY: the caller's promise.
+    Ok(Some(unsafe { output(compacted, compacted_len, "compacted") }?))
 }
