@@ -1,11 +1,12 @@
-// Append one decoded token to every segment of a layer, and regrow (relayout) a layer.
+// Append decoded tokens (one, or a chunk of several) to every segment of a layer, and regrow
+// (relayout) a layer.
 //
-// Append is O(1) per segment: one K row and one V row are written where the segment's mode says
-// (Full: row len; Streaming: sinks, then the ring), and len/ring_head advance on the device so
-// the next launch needs no host round trip. One warp per segment: a row is 8..32 uint4 for
-// head_dim 64..256, so a warp moves both rows of a segment in one or two vector steps.
-// Both supported dtypes are 16-bit, and append only moves rows, so one instantiation per
-// head_dim serves f16 and bf16 alike.
+// Append is O(tokens) per segment: one K row and one V row per token are written where the
+// segment's mode says (Full: row len; Streaming: sinks, then the ring), and len/ring_head
+// advance on the device so the next launch needs no host round trip. One warp per segment: a
+// row is 8..32 uint4 for head_dim 64..256, so a warp moves both rows of a token in one or two
+// vector steps. Both supported dtypes are 16-bit, and append only moves rows, so one
+// instantiation per head_dim serves f16 and bf16 alike.
 #include "compat.cuh"
 #include "params.h"
 #include "segment.cuh"
@@ -23,26 +24,35 @@ __device__ void append_body(const HwAppendParams& p) {
     const int32_t s = blockIdx.x * kAppendWarpsPerBlock + warp;
     if (s >= p.seg.num_segments) return;  // whole warps only: no barrier below spans warps
 
-    const SegmentView seg = SegmentView::load(p.seg, s);
-    const int64_t dst = seg.append_row();
-    const uint4* k_src = row_vec(p.k_new, s, HEAD_DIM);
-    const uint4* v_src = row_vec(p.v_new, s, HEAD_DIM);
-    uint4* k_dst = row_vec(p.k_cache, dst, HEAD_DIM);
-    uint4* v_dst = row_vec(p.v_cache, dst, HEAD_DIM);
-    for (int i = lane; i < 2 * kVecsPerRow; i += 32) {
-        if (i < kVecsPerRow) {
-            st_global(k_dst + i, ld_global(k_src + i));
-        } else {
-            st_global(v_dst + (i - kVecsPerRow), ld_global(v_src + (i - kVecsPerRow)));
+    // The tokens go in order, each on the state the previous one left (kept in registers), so a
+    // ring that wraps inside the chunk overwrites exactly as `tokens` single appends would.
+    SegmentView seg = SegmentView::load(p.seg, s);
+    // Token t of segment s = (b, h) is row (b * tokens + t) * kv_heads + h of k_new/v_new.
+    const int64_t first = (s / p.kv_heads) * int64_t(p.tokens) * p.kv_heads + s % p.kv_heads;
+    const uint4* k_src = row_vec(p.k_new, first, HEAD_DIM);
+    const uint4* v_src = row_vec(p.v_new, first, HEAD_DIM);
+    const int64_t stride = int64_t(p.kv_heads) * kVecsPerRow;
+    for (int32_t t = 0; t < p.tokens; ++t, k_src += stride, v_src += stride) {
+        const int64_t dst = seg.append_row();
+        uint4* k_dst = row_vec(p.k_cache, dst, HEAD_DIM);
+        uint4* v_dst = row_vec(p.v_cache, dst, HEAD_DIM);
+        for (int i = lane; i < 2 * kVecsPerRow; i += 32) {
+            if (i < kVecsPerRow) {
+                st_global(k_dst + i, ld_global(k_src + i));
+            } else {
+                st_global(v_dst + (i - kVecsPerRow), ld_global(v_src + (i - kVecsPerRow)));
+            }
         }
-    }
-    // Every lane has read the old len/ring_head above; only then may one lane advance them.
-    __syncwarp();
-    if (lane == 0) {
         int32_t new_len, new_head;
         seg.advance(&new_len, &new_head);
-        p.seg.len[s] = new_len;
-        p.seg.ring_head[s] = new_head;
+        seg.len = new_len;
+        seg.ring_head = new_head;
+    }
+    // Every lane read the old len/ring_head at load; only then may one lane write the new ones.
+    __syncwarp();
+    if (lane == 0) {
+        p.seg.len[s] = seg.len;
+        p.seg.ring_head[s] = seg.ring_head;
     }
 }
 

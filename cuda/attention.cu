@@ -213,20 +213,34 @@ __device__ void attention_rows_body(const HwAttentionParams& p) {
     }
 }
 
-// Large groups (G > 4): the block stages a tile of K/V rows in shared memory, one 16-byte
-// load per thread and row slice, and each warp then runs its own query heads (warp w takes
-// heads w, w + 4, ...) over every row of the tile. A row is still read from global memory once
-// for the whole group, and a thread keeps state for G/4 heads instead of G: at G = 16 the rows
-// body needs 16 x 10 floats per thread (255 registers and spills at head_dim 256), this one 4 x
-// 10. Warps own disjoint heads, so only the RPW row groups inside a warp merge; no cross-warp
-// merge.
-template <typename T, int D, int GMAX>
+// Query row j = i * G + g of segment s (chunk query i, group head g): its row in q/out/lse,
+// [batch][q_len][heads] with heads = kv_heads * G. For q_len = 1 that is s * G + g.
+__device__ __forceinline__ int64_t query_row(const HwAttentionParams& p, int32_t s, int j) {
+    const int64_t G = p.group_size;
+    const int64_t b = s / p.kv_heads;
+    const int64_t h = s % p.kv_heads;
+    return (b * p.q_len + j / G) * (int64_t(p.kv_heads) * G) + h * G + j % G;
+}
+
+// Large groups (G > 4), and every chunk of q_len > 1 queries: the block stages a tile of K/V
+// rows in shared memory, one 16-byte load per thread and row slice, and each warp then runs its
+// own query rows (warp w takes rows w, w + 4, ...) over every row of the tile. A block serves
+// GMAX query rows of its segment, the (i, g)-ordered rows blockIdx.z * GMAX onwards, so a tile
+// of the whole group's heads for GMAX / G chunk positions: a K/V row is read from global memory
+// once per GMAX query rows, never once per head. A thread keeps state for GMAX/4 rows instead of
+// GMAX: at G = 16 the rows body needs 16 x 10 floats per thread (255 registers and spills at
+// head_dim 256), this one 4 x 10. Warps own disjoint rows, so only the RPW row groups inside a
+// warp merge; no cross-warp merge. Causal: chunk query i (token len - q_len + i) sees tokens
+// 0 ..= len - q_len + i; for q_len = 1 that is every token. CHUNK = false is the decode
+// instantiation: q_len = 1 known at compile time, so the causal bookkeeping costs no registers
+// (the same function of its inputs as CHUNK = true with q_len = 1).
+template <typename T, int D, int GMAX, bool CHUNK>
 __device__ void attention_tiled_body(const HwAttentionParams& p) {
     constexpr int TPR = D / kElemsPerVec;
     constexpr int RPW = 32 / TPR;
     constexpr int TILE = kAttnThreads / TPR;          // rows staged per step
-    constexpr int HPW = GMAX / kAttnWarps;            // heads per warp (most)
-    static_assert(GMAX % kAttnWarps == 0, "tiled attention splits the group over the warps");
+    constexpr int HPW = GMAX / kAttnWarps;            // query rows per warp (most)
+    static_assert(GMAX % kAttnWarps == 0, "tiled attention splits the query rows over the warps");
     __shared__ float q_s[GMAX * D];
     __shared__ uint4 k_s[kAttnThreads];
     __shared__ uint4 v_s[kAttnThreads];
@@ -234,11 +248,18 @@ __device__ void attention_tiled_body(const HwAttentionParams& p) {
     const int32_t s = blockIdx.x;
     const int split = blockIdx.y;
     const int G = p.group_size;
+    const int q_len = CHUNK ? p.q_len : 1;
+    const int rows = G * q_len;  // the segment's query rows (host: <= 16 * 64)
+    const int tile0 = CHUNK ? int(blockIdx.z) * GMAX : 0;
     const SegmentView seg = SegmentView::load(p.seg, s);
     const int n_splits = num_splits(seg.len, p.chunk_tokens);
     if (split >= n_splits) return;  // the whole block leaves together, before any barrier
     const int32_t begin = split * p.chunk_tokens;
     const int32_t end = int32_t(min(int64_t(seg.len), int64_t(begin) + p.chunk_tokens));
+    // Token index of chunk query 0 (the host checked len >= q_len; an empty decode segment
+    // gives -1), and the end of what the block's last query row sees.
+    const int32_t first = seg.len - q_len;
+    const int32_t stop = CHUNK ? min(end, first + (min(rows, tile0 + GMAX) - 1) / G + 1) : end;
 
     const int tid = threadIdx.x;
     const int warp = tid / 32;
@@ -246,27 +267,30 @@ __device__ void attention_tiled_body(const HwAttentionParams& p) {
     const int sub = lane / TPR;
     const int col = lane % TPR;
 
-    const uint4* qv = row_vec(p.q, int64_t(s) * G, D);
-    for (int i = tid; i < G * TPR; i += kAttnThreads) {
+    for (int i = tid; i < GMAX * TPR; i += kAttnThreads) {
+        const int j = tile0 + i / TPR;
+        if (j >= rows) break;  // i grows: no later row of this thread is in range either
         float f[8];
-        unpack8<T>(ld_global(qv + i), f);
+        unpack8<T>(ld_global(row_vec(p.q, CHUNK ? query_row(p, s, j) : int64_t(s) * G + j, D) + i % TPR), f);
 #pragma unroll
-        for (int j = 0; j < 8; ++j) st_shared(&q_s[i * 8 + j], f[j]);
+        for (int e = 0; e < 8; ++e) st_shared(&q_s[i * 8 + e], f[e]);
     }
 
     float m[HPW], d[HPW], acc[HPW][8];
+    int32_t lim[HPW];  // tokens below lim[h] are visible to the warp's row h
 #pragma unroll
     for (int h = 0; h < HPW; ++h) {
         m[h] = -INFINITY;
         d[h] = 0.0f;
 #pragma unroll
         for (int j = 0; j < 8; ++j) acc[h][j] = 0.0f;
+        lim[h] = first + (tile0 + warp + h * kAttnWarps) / G + 1;
     }
 
-    for (int64_t base = begin; base < end; base += TILE) {
+    for (int64_t base = begin; base < stop; base += TILE) {
         __syncthreads();  // the previous tile is consumed (and q_s written, the first time)
         const int64_t t = base + tid / TPR;
-        if (t < end) {
+        if (t < stop) {
             const int64_t row = seg.row(int32_t(t));
             st_shared(&k_s[tid], ld_global(row_vec(p.k_cache, row, D) + tid % TPR));
             st_shared(&v_s[tid], ld_global(row_vec(p.v_cache, row, D) + tid % TPR));
@@ -275,16 +299,17 @@ __device__ void attention_tiled_body(const HwAttentionParams& p) {
 #pragma unroll
         for (int r0 = 0; r0 < TILE; r0 += RPW) {
             const int r = r0 + sub;
-            const bool valid = base + r < end;
+            const bool staged = base + r < stop;
             float k[8], v[8];
-            if (valid) {
+            if (staged) {
                 unpack8<T>(ld_shared(&k_s[r * TPR + col]), k);
                 unpack8<T>(ld_shared(&v_s[r * TPR + col]), v);
             }
 #pragma unroll
             for (int h = 0; h < HPW; ++h) {
                 const int g = warp + h * kAttnWarps;
-                if (g >= G) break;  // uniform over the warp
+                if (tile0 + g >= rows) break;  // uniform over the warp
+                const bool valid = staged && (!CHUNK || base + r < lim[h]);
                 float part = 0.0f;
                 if (valid) {
 #pragma unroll
@@ -297,11 +322,11 @@ __device__ void attention_tiled_body(const HwAttentionParams& p) {
         }
     }
 
-    // Merge the RPW row groups of the warp, then the first group writes each of its heads.
+    // Merge the RPW row groups of the warp, then the first group writes each of its rows.
 #pragma unroll
     for (int h = 0; h < HPW; ++h) {
         const int g = warp + h * kAttnWarps;
-        if (g >= G) break;
+        if (tile0 + g >= rows) break;
 #pragma unroll
         for (int off = TPR; off < 32; off *= 2) {
             const float m2 = __shfl_xor_sync(0xffffffffu, m[h], off);
@@ -311,7 +336,10 @@ __device__ void attention_tiled_body(const HwAttentionParams& p) {
             for (int j = 0; j < 8; ++j) a2[j] = __shfl_xor_sync(0xffffffffu, acc[h][j], off);
             merge_state(m[h], d[h], acc[h], m2, d2, a2);
         }
-        if (sub == 0) write_head<T, D>(p, int64_t(s) * G + g, split, n_splits, col, m[h], d[h], acc[h]);
+        if (sub == 0) {
+            const int64_t qh = CHUNK ? query_row(p, s, tile0 + g) : int64_t(s) * G + g;
+            write_head<T, D>(p, qh, split, n_splits, col, m[h], d[h], acc[h]);
+        }
     }
 }
 
@@ -319,22 +347,24 @@ __device__ void attention_tiled_body(const HwAttentionParams& p) {
 template <typename T, int D, int GMAX>
 __device__ void attention_body(const HwAttentionParams& p) {
     if constexpr (GMAX > kAttnWarps) {
-        attention_tiled_body<T, D, GMAX>(p);
+        attention_tiled_body<T, D, GMAX, false>(p);
     } else {
         attention_rows_body<T, D, GMAX>(p);
     }
 }
 
-// One warp per query head of a split segment: weights each chunk's normalized output by
-// 2^(lse_c - max lse) and renormalizes.
+// One warp per query row of a split segment: weights each chunk's normalized output by
+// 2^(lse_c - max lse) and renormalizes. A chunk that a causal row does not reach left an empty
+// state (LSE -inf) and weighs 0.
 template <typename T, int D>
 __device__ void attention_merge_body(const HwAttentionParams& p) {
     constexpr int TPR = D / kElemsPerVec;
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
-    const int64_t qh = int64_t(blockIdx.x) * kAttnWarps + warp;
-    if (qh >= int64_t(p.seg.num_segments) * p.group_size || lane >= TPR) return;  // no barriers here
-    const int32_t s = int32_t(qh / p.group_size);
+    const int64_t qh = int64_t(blockIdx.x) * kAttnWarps + warp;  // query row R (see params.h)
+    const int64_t heads = int64_t(p.kv_heads) * p.group_size;
+    if (qh >= int64_t(p.seg.num_segments) * p.group_size * p.q_len || lane >= TPR) return;  // no barriers here
+    const int32_t s = int32_t(qh / (heads * p.q_len) * p.kv_heads + qh % heads / p.group_size);
     const int n_splits = num_splits(p.seg.len[s], p.chunk_tokens);
     if (n_splits <= 1) return;  // written directly by the attention kernel
     const float* lse = p.partial_lse + qh * p.max_splits;
@@ -392,6 +422,22 @@ __device__ void attention_merge_body(const HwAttentionParams& p) {
     X(hw_attention_bf16_d256_g8, __nv_bfloat16, 256, 8)         \
     X(hw_attention_bf16_d256_g16, __nv_bfloat16, 256, 16)
 
+// Chunks (q_len > 1): the tiled body in tiles of 8 or 16 query rows (the host picks 8 when
+// G * q_len <= 8).
+#define HW_ATTENTION_CHUNK_KERNELS(X)                           \
+    X(hw_attention_chunk_f16_d64_g8, __half, 64, 8)             \
+    X(hw_attention_chunk_f16_d64_g16, __half, 64, 16)           \
+    X(hw_attention_chunk_f16_d128_g8, __half, 128, 8)           \
+    X(hw_attention_chunk_f16_d128_g16, __half, 128, 16)         \
+    X(hw_attention_chunk_f16_d256_g8, __half, 256, 8)           \
+    X(hw_attention_chunk_f16_d256_g16, __half, 256, 16)         \
+    X(hw_attention_chunk_bf16_d64_g8, __nv_bfloat16, 64, 8)     \
+    X(hw_attention_chunk_bf16_d64_g16, __nv_bfloat16, 64, 16)   \
+    X(hw_attention_chunk_bf16_d128_g8, __nv_bfloat16, 128, 8)   \
+    X(hw_attention_chunk_bf16_d128_g16, __nv_bfloat16, 128, 16) \
+    X(hw_attention_chunk_bf16_d256_g8, __nv_bfloat16, 256, 8)   \
+    X(hw_attention_chunk_bf16_d256_g16, __nv_bfloat16, 256, 16)
+
 #define HW_ATTENTION_MERGE_KERNELS(X)                     \
     X(hw_attention_merge_f16_d64, __half, 64)             \
     X(hw_attention_merge_f16_d128, __half, 128)           \
@@ -402,7 +448,10 @@ __device__ void attention_merge_body(const HwAttentionParams& p) {
 
 #define HW_ATTENTION_ENTRY(name, T, D, G) \
     HW_KERNEL_ENTRY_BOUNDED(name, HwAttentionParams, hw::kAttnThreads, (hw::attention_body<T, D, G>(p)))
+#define HW_ATTENTION_CHUNK_ENTRY(name, T, D, G) \
+    HW_KERNEL_ENTRY_BOUNDED(name, HwAttentionParams, hw::kAttnThreads, (hw::attention_tiled_body<T, D, G, true>(p)))
 #define HW_ATTENTION_MERGE_ENTRY(name, T, D) \
     HW_KERNEL_ENTRY_BOUNDED(name, HwAttentionParams, hw::kAttnThreads, (hw::attention_merge_body<T, D>(p)))
 HW_ATTENTION_KERNELS(HW_ATTENTION_ENTRY)
+HW_ATTENTION_CHUNK_KERNELS(HW_ATTENTION_CHUNK_ENTRY)
 HW_ATTENTION_MERGE_KERNELS(HW_ATTENTION_MERGE_ENTRY)

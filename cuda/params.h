@@ -26,9 +26,11 @@ extern "C" {
  *  Full:      logical token i (0 <= i < len) lives at row offset + i.
  *  Streaming: capacity = sink + window. Logical i < sink lives at offset + i; the ring holds the
  *             rest, oldest first starting at ring slot ring_head:
- *             row = offset + sink + (ring_head + i - sink) % window. ring_head stays 0 until the
- *             ring is full; after that it names the oldest slot, which the next append
- *             overwrites. */
+ *             row = offset + sink + (ring_head + i - sink) % window. The next token goes to
+ *             ring slot (ring_head + len - sink) % window: once the ring is full that is the
+ *             oldest slot, overwritten. ring_head stays 0 until the ring first fills; only a
+ *             rollback (dropping the newest tokens) leaves a ring not full with ring_head != 0.
+ *             ring_head is 0 whenever the ring is empty (len <= sink). */
 typedef struct HwSegmentTable {
     const int32_t* offset;
     const int32_t* capacity;
@@ -39,8 +41,10 @@ typedef struct HwSegmentTable {
     int32_t num_segments;
 } HwSegmentTable;
 
-/* Append one token (K row and V row) to every segment of a layer.
- * k_new/v_new: [num_segments][head_dim] (i.e. [batch][kv_heads][head_dim]), dtype of the cache.
+/* Append `tokens` tokens (K row and V row each) to every segment of a layer, oldest first.
+ * k_new/v_new: [batch][tokens][kv_heads][head_dim] (token-major, as a model produces them; one
+ * token is [num_segments][head_dim]), dtype of the cache. Segment s = b * kv_heads + h takes
+ * row (b * tokens + i) * kv_heads + h for its token i.
  * k_cache/v_cache: [total_rows][head_dim]. 16-byte aligned (checked on the host). */
 typedef struct HwAppendParams {
     void* k_cache;
@@ -49,12 +53,15 @@ typedef struct HwAppendParams {
     const void* v_new;
     HwSegmentTable seg;
     int32_t head_dim;
+    int32_t tokens;
+    int32_t kv_heads;
 } HwAppendParams;
 
 /* Copy every segment's rows from one layout to another (regrow: an explicit O(total rows)
  * operation, never per step). Segment s keeps its mode, len, sink and ring_head; its rows move
- * from src.offset[s] to dst.offset[s] (physical order preserved, so a ring stays valid).
- * src and dst caches must not overlap. */
+ * from src.offset[s] to dst.offset[s] (physical order preserved, so a ring stays valid); len[s]
+ * is the leading rows to copy (the segment's len, or its capacity for a ring that a rollback
+ * left not full with ring_head != 0). src and dst caches must not overlap. */
 typedef struct HwRelayoutParams {
     const void* k_src;
     const void* v_src;
@@ -68,15 +75,21 @@ typedef struct HwRelayoutParams {
 } HwRelayoutParams;
 
 /* Decode attention over every segment of a layer (SPEC section 5). Query head
- * qh = kv_head * group_size + g of sequence b attends over segment s = b * num_kv_heads + kv_head.
- * q:   [num_segments * group_size][head_dim] (= [batch][heads][head_dim]), KV dtype.
- * out: same shape, KV dtype. lse: [num_segments * group_size] f32 natural-log sum of
+ * qh = kv_head * group_size + g of sequence b attends over segment s = b * kv_heads + kv_head.
+ * q_len queries per sequence (1: decode; more: a chunk whose q_len tokens are the last q_len of
+ * every segment, causal: query i sees the segment's logical tokens 0 .. len - q_len + i).
+ * q:   [batch][q_len][heads][head_dim] (heads = kv_heads * group_size), KV dtype; query row
+ *      R = (b * q_len + i) * heads + qh. For q_len = 1 that is [num_segments * group_size].
+ * out: same shape, KV dtype. lse: [batch][q_len][heads] f32 natural-log sum of
  *      exp(scaled logits), or NULL; an empty segment gives out = 0, lse = -inf.
+ * The kernels with a group bucket above 4 (the tiled body) take q_len > 1: the segment's
+ * group_size * q_len query rows, ordered (i, g), go in tiles of the bucket's size over
+ * gridDim.z; the others take q_len = 1 only (the host chooses).
  * Segments longer than chunk_tokens are split over gridDim.y = max_splits blocks; split c of
  * segment s covers tokens [c * chunk_tokens, min(len, (c + 1) * chunk_tokens)) and, when the
  * segment has more than one split, writes normalized partial outputs and base-2 LSEs to the
- * workspace ([num_segments * group_size][max_splits][head_dim] and [..][max_splits], f32),
- * which the merge kernel combines. */
+ * workspace ([query rows R][max_splits][head_dim] and [..][max_splits], f32), which the merge
+ * kernel combines. */
 typedef struct HwAttentionParams {
     const void* q;
     const void* k_cache;
@@ -90,6 +103,8 @@ typedef struct HwAttentionParams {
     int32_t head_dim;
     int32_t chunk_tokens;
     int32_t max_splits;
+    int32_t q_len;
+    int32_t kv_heads;
     float scale_log2; /* softmax scale * log2(e): logits are kept in base 2 */
 } HwAttentionParams;
 

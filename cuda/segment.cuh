@@ -33,15 +33,19 @@ struct SegmentView {
     // oldest-first from ring_head, so attention and compaction see tokens in position order.
     __device__ __forceinline__ int64_t row(int32_t i) const {
         if (mode == HW_MODE_FULL || i < sink) return int64_t(offset) + i;
-        // int64: ring_head + (i - sink) reaches 2 * window, past int32 for windows above 2^30.
-        return int64_t(offset) + sink + (int64_t(ring_head) + (i - sink)) % window();
+        // ring_head + (i - sink) reaches 2 * window, past int32 for windows above 2^30 but not
+        // past uint32 (both terms are below 2^31): unsigned 32-bit arithmetic is exact, and
+        // cheaper than a 64-bit modulo.
+        return int64_t(offset) + sink + (uint32_t(ring_head) + uint32_t(i - sink)) % uint32_t(window());
     }
 
     // Row the next appended token goes to. Full: the host has already checked len < capacity.
-    // Streaming: sinks fill first, then the ring; once the ring is full the oldest slot is reused.
+    // Streaming: sinks fill first, then the ring slot after the newest token; once the ring is
+    // full that is the oldest slot, reused. A ring that is not full starts at ring_head = 0,
+    // except after a rollback, which drops its newest tokens and keeps ring_head.
     __device__ __forceinline__ int64_t append_row() const {
-        if (mode == HW_MODE_FULL || len < capacity) return int64_t(offset) + len;
-        return int64_t(offset) + sink + ring_head;
+        if (mode == HW_MODE_FULL || len < sink) return int64_t(offset) + len;
+        return int64_t(offset) + sink + (uint32_t(ring_head) + uint32_t(len - sink)) % uint32_t(window());  // as row()
     }
 
     // State after one append (see append_row).

@@ -400,6 +400,31 @@ int headwise_cache_attention(struct HeadwiseCache *cache,
                              uint32_t chunk_tokens);
 
 /**
+ * Attention of a chunk of `q_len` new queries per sequence (1..=64): chunked prefill, a
+ * follow-up turn, or the verification of speculative draft tokens. The chunk's K/V must be the
+ * newest `q_len` tokens of every segment already (`headwise_cache_append_tokens`); drop
+ * rejected drafts afterwards with `headwise_cache_rollback`. Causal: chunk query `i` sees the
+ * segment's tokens `0 ..= len - q_len + i`. `q` and `out` are token-major,
+ * `[batch][q_len][heads][head_dim]` (`heads = kv_heads * group_size`); `lse` NULL or
+ * `[batch][q_len][heads]` floats. Otherwise as `headwise_cache_attention`, which is `q_len = 1`.
+ *
+ * Errors before anything is enqueued: those of `headwise_cache_attention`, `q_len` outside
+ * 1..=64, and for `q_len > 1` a segment holding fewer than `q_len` tokens or a Streaming
+ * segment whose window is below `q_len`.
+ *
+ * # Safety
+ * As `headwise_cache_attention`, with the sizes above.
+ */
+int headwise_cache_attention_chunk(struct HeadwiseCache *cache,
+                                   const void *q,
+                                   size_t q_len,
+                                   size_t group_size,
+                                   void *out,
+                                   float *lse,
+                                   float scale,
+                                   uint32_t chunk_tokens);
+
+/**
  * [`headwise_cache_attention`], adding to `mass[num_mass]` (`total_rows` f32, store memory,
  * one entry per cache row, as the K/V rows) each kept token's attention probability summed over
  * its group's query heads: H2O's accumulated attention mass, for
@@ -479,6 +504,38 @@ int headwise_cache_layout(const struct HeadwiseCache *cache, struct HeadwiseLayo
  * `num_segments * head_dim` elements, written before this call in the stream's order.
  */
 int headwise_cache_append(struct HeadwiseCache *cache, const void *k_new, const void *v_new);
+
+/**
+ * Appends `tokens` tokens (1..=INT32_MAX) to every segment in one launch, oldest first, as
+ * `tokens` calls of `headwise_cache_append` would: a prefill chunk, a follow-up turn, or
+ * speculative draft tokens before `headwise_cache_attention_chunk`. `k_new`/`v_new` are
+ * token-major, `[batch][tokens][kv_heads][head_dim]`. A Streaming segment given more tokens
+ * than its window keeps the newest `window` of them.
+ *
+ * Errors before anything is enqueued: `HEADWISE_ERROR_SEGMENT_FULL` (a Full segment has fewer
+ * than `tokens` free rows), invalid arguments.
+ *
+ * # Safety
+ * As `headwise_cache_append`, with `num_segments * tokens * head_dim` elements each.
+ */
+int headwise_cache_append_tokens(struct HeadwiseCache *cache,
+                                 const void *k_new,
+                                 const void *v_new,
+                                 size_t tokens);
+
+/**
+ * Drops the newest `tokens[b]` tokens of every segment of sequence `b`: the rejection of
+ * speculative draft tokens. `tokens` is a host array of `num_tokens == batch` counts. No row
+ * moves; a Full segment is restored exactly, a Streaming segment whose ring had wrapped keeps
+ * fewer windowed tokens (the drafts overwrote its oldest ones) until later appends refill it.
+ *
+ * Errors before anything changes: a wrong `num_tokens`, a count above the length of one of its
+ * sequence's segments (named `tokens[b]`).
+ *
+ * # Safety
+ * `cache` NULL or live; `tokens` NULL or `num_tokens` readable `uint32_t`.
+ */
+int headwise_cache_rollback(struct HeadwiseCache *cache, const uint32_t *tokens, size_t num_tokens);
 
 /**
  * Copies every segment's rows into new engine buffers `k_dst`/`v_dst` laid out as `target`
@@ -618,7 +675,8 @@ int headwise_cache_evict_by_mass(struct HeadwiseCache *cache,
  * `batch * kv_heads`. All counts are rows of the layer's K (and V) buffer, which holds
  * `total_rows` rows of `head_dim` elements. Per segment: `offset` (first row), `capacity` (rows
  * reserved), `len` (rows in use), `ring_head` (Streaming only: ring slot of the oldest windowed
- * token once the ring is full, else 0; the array may be NULL for all zeros), `mode`
+ * token, 0 until the ring first fills and while it is empty; the array may be NULL for all
+ * zeros), `mode`
  * (`HEADWISE_MODE_FULL` or `HEADWISE_MODE_STREAMING`), `sink` and `window` (Streaming only,
  * `capacity == sink + window`; ignored for Full segments; both arrays may be NULL when no
  * segment is Streaming).

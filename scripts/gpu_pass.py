@@ -52,6 +52,7 @@ MEMCHECK = (
     "select_compress_into_on_gpu",
     "rkv_matches_reference_on_gpu",
     "h2o_matches_reference_on_gpu",
+    "attention_chunk_on_gpu",
 )
 RACE_SYNC = ("select_compress_into_on_gpu", "rkv_matches_reference_on_gpu")
 # Kernel family -> (test that launches it, ncu kernel-name regex, launches profiled, box s).

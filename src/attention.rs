@@ -21,7 +21,7 @@ use crate::cache::LayerCache;
 use crate::dtype::KvElem;
 use crate::error::{Error, Result};
 use crate::kernels::{launch_1d, lookup};
-use crate::layout::{DeviceTable, LayerLayout};
+use crate::layout::{DeviceTable, LayerLayout, SegmentMode};
 use crate::params::{HwAttentionParams, HwH2oParams, HwLaunch};
 use crate::store::{KernelParams, Store, check_aligned};
 
@@ -34,6 +34,9 @@ unsafe impl cudarc::driver::DeviceRepr for HwAttentionParams {}
 
 /// Largest supported GQA group size.
 pub const MAX_GROUP: usize = 16;
+/// Most queries per sequence of one [`LayerCache::attention_chunk`]; a longer chunk of prefill
+/// goes in pieces of this size (append a piece, attend, append the next).
+pub const MAX_CHUNK_QUERIES: usize = 64;
 /// Smallest chunk the planner splits a segment into, in tokens.
 pub const MIN_CHUNK: u32 = 128;
 /// Largest number of chunks per segment (the grid's y dimension).
@@ -54,15 +57,23 @@ pub struct AttentionPlan {
     pub max_splits: u32,
 }
 
-/// Chooses the split for `layout` on a GPU with `sm_count` SMs.
+/// Chooses the split for `layout` on a GPU with `sm_count` SMs (decode: one query per
+/// sequence).
 pub fn plan(layout: &LayerLayout, sm_count: usize) -> AttentionPlan {
+    plan_tiles(layout, sm_count, 1)
+}
+
+/// [`plan`] for a launch whose every split has `tiles` blocks (query tiles of a chunk).
+fn plan_tiles(layout: &LayerLayout, sm_count: usize, tiles: usize) -> AttentionPlan {
     let lens: Vec<u32> = layout.segments().iter().map(|s| s.len).collect();
     let max_len = lens.iter().copied().max().unwrap_or(0).max(1);
     let target = sm_count.max(1) * BLOCKS_PER_SM;
-    if lens.len() >= target || max_len <= MIN_CHUNK {
+    if lens.len() * tiles >= target || max_len <= MIN_CHUNK {
         return AttentionPlan { chunk_tokens: max_len, max_splits: 1 };
     }
-    let blocks = |chunk: u32| -> usize { lens.iter().map(|&l| l.div_ceil(chunk).max(1) as usize).sum() };
+    let blocks = |chunk: u32| -> usize {
+        tiles * lens.iter().map(|&l| l.div_ceil(chunk).max(1) as usize).sum::<usize>()
+    };
     // Smallest chunk in [MIN_CHUNK, max_len] whose block count fits the target (blocks() falls
     // as chunk grows; at max_len it is lens.len() < target).
     let (mut lo, mut hi) = (MIN_CHUNK, max_len);
@@ -154,7 +165,88 @@ impl<S: Store, T: KvElem> LayerCache<S, T> {
         workspace: &mut AttentionWorkspace<S>,
         opts: &AttentionOptions,
     ) -> Result<()> {
-        self.attend(q, group_size, out, lse, workspace, opts, None)
+        self.attend(q, 1, group_size, out, lse, workspace, opts, None)
+    }
+
+    /// Attention of a chunk of `q_len` new queries per sequence over the cache: chunked prefill
+    /// continuing a compressed prompt, a follow-up turn over a compressed history, or the
+    /// verification of `q_len` speculative draft tokens. The chunk's K/V must already be in the
+    /// cache as the newest `q_len` tokens of every segment ([`LayerCache::append_tokens`]);
+    /// rejected drafts are dropped afterwards with [`LayerCache::rollback`]. Causal: chunk query
+    /// `i` (the sequence's token `len - q_len + i` of each segment) attends over the segment's
+    /// logical tokens `0 ..= len - q_len + i`, i.e. every kept token and the chunk up to itself.
+    /// `q_len = 1` is [`LayerCache::attention`].
+    ///
+    /// Shapes, token-major as engines hold them: `q` and `out` are
+    /// `[batch][q_len][heads][head_dim]` (`heads = kv_heads * group_size`), `lse` is
+    /// `[batch][q_len][heads]` f32. Everything else (GQA grouping, scale, split, non-finite
+    /// inputs) is as in [`LayerCache::attention`]. Each K/V row is read once per tile of 8 or 16
+    /// query rows, a tile holding the whole group's heads for its chunk positions (see
+    /// `cuda/attention.cu`).
+    ///
+    /// A `Streaming` segment holds the newest `window` tokens after the chunk was appended, so
+    /// when its ring is full, chunk query `i` sees `q_len - 1 - i` fewer windowed tokens than a
+    /// decode step at its position would have (the ones the later chunk tokens overwrote).
+    ///
+    /// Errors before any launch: those of [`LayerCache::attention`] (lengths now with the
+    /// `q_len` factor), `q_len` outside `1..=`[`MAX_CHUNK_QUERIES`], and for `q_len > 1` a
+    /// segment holding fewer than `q_len` tokens or a `Streaming` segment whose window is below
+    /// `q_len`.
+    ///
+    /// ```
+    /// use headwise::{AttentionOptions, AttentionWorkspace, EmuStore, LayerCache, LayoutBuilder, Store};
+    /// use half::f16;
+    /// // One sequence, one KV head with room for 8 tokens, one query head, head_dim 64.
+    /// let layout = LayoutBuilder::new(1, 1).full(0, 0, 5).headroom(3).build()?;
+    /// let mut cache = LayerCache::<_, f16>::new(&EmuStore, layout, 64)?;
+    /// // Three draft tokens: append their K/V, attend with their three queries, keep two.
+    /// let kv = EmuStore.upload(&vec![f16::ONE; 3 * 64])?;
+    /// cache.append_tokens(&kv, &kv, 3)?;
+    /// let q = EmuStore.upload(&vec![f16::ONE; 3 * 64])?;
+    /// let mut out = EmuStore.zeros::<f16>(3 * 64)?;
+    /// let mut ws = AttentionWorkspace::new();
+    /// cache.attention_chunk(&q, 3, 1, &mut out, None, &mut ws, &AttentionOptions::default())?;
+    /// cache.rollback(&[1])?;
+    /// assert_eq!(cache.layout().segments()[0].len, 7);
+    /// # Ok::<(), headwise::Error>(())
+    /// ```
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_chunk(
+        &self,
+        q: &S::Buf<T>,
+        q_len: usize,
+        group_size: usize,
+        out: &mut S::Buf<T>,
+        lse: Option<&mut S::Buf<f32>>,
+        workspace: &mut AttentionWorkspace<S>,
+        opts: &AttentionOptions,
+    ) -> Result<()> {
+        if q_len == 0 || q_len > MAX_CHUNK_QUERIES {
+            return Err(Error::invalid("q_len", format!("{q_len} is outside 1..={MAX_CHUNK_QUERIES}")));
+        }
+        // q_len = 1 is decode, where an empty segment is fine (zero output, LSE -inf).
+        for (i, seg) in self.layout().segments().iter().enumerate().filter(|_| q_len > 1) {
+            if (seg.len as usize) < q_len {
+                return Err(Error::invalid(
+                    "q_len",
+                    format!(
+                        "{q_len} is more than segment {i} holds (len {}): append the chunk first",
+                        seg.len
+                    ),
+                ));
+            }
+            if let SegmentMode::Streaming { window, .. } = seg.mode
+                && (window as usize) < q_len
+            {
+                return Err(Error::invalid(
+                    "q_len",
+                    format!(
+                        "{q_len} is above Streaming segment {i}'s window {window}: the chunk would overwrite itself"
+                    ),
+                ));
+            }
+        }
+        self.attend(q, q_len, group_size, out, lse, workspace, opts, None)
     }
 
     /// [`LayerCache::attention`], and then H2O's accumulated attention mass: every cached
@@ -207,13 +299,14 @@ impl<S: Store, T: KvElem> LayerCache<S, T> {
         opts: &AttentionOptions,
         mass: &mut S::Buf<f32>,
     ) -> Result<()> {
-        self.attend(q, group_size, out, lse, workspace, opts, Some(mass))
+        self.attend(q, 1, group_size, out, lse, workspace, opts, Some(mass))
     }
 
     #[allow(clippy::too_many_arguments)]
     fn attend(
         &self,
         q: &S::Buf<T>,
+        q_len: usize,
         group_size: usize,
         out: &mut S::Buf<T>,
         lse: Option<&mut S::Buf<f32>>,
@@ -226,13 +319,18 @@ impl<S: Store, T: KvElem> LayerCache<S, T> {
             return Err(Error::invalid("group_size", format!("{group_size} is outside 1..={MAX_GROUP}")));
         }
         let n = self.layout().segments().len();
-        let heads = n * group_size;
+        // Query rows: q_len <= MAX_CHUNK_QUERIES and group_size <= MAX_GROUP, but n is the
+        // caller's: checked.
+        let heads = n
+            .checked_mul(group_size * q_len)
+            .ok_or_else(|| Error::invalid("q_len", "num_segments * group_size * q_len overflows usize"))?;
         for (field, len) in [("q", S::len(q)), ("out", S::len(out))] {
-            if len != heads * d {
+            if Some(len) != heads.checked_mul(d) {
+                let shape = if q_len == 1 { String::new() } else { format!(" * q_len {q_len}") };
                 return Err(Error::invalid(
                     field,
                     format!(
-                        "{len} elements, expected num_segments {n} * group_size {group_size} * head_dim {d}"
+                        "{len} elements, expected num_segments {n} * group_size {group_size}{shape} * head_dim {d}"
                     ),
                 ));
             }
@@ -242,6 +340,13 @@ impl<S: Store, T: KvElem> LayerCache<S, T> {
         {
             return Err(Error::invalid("lse", format!("{} elements, expected {heads}", S::len(l))));
         }
+        // A chunk runs on the tiled kernels (buckets 8 and 16), GMAX query rows per block.
+        let bucket = match q_len {
+            1 => group_bucket(group_size),
+            _ if group_size * q_len <= 8 => 8,
+            _ => MAX_GROUP,
+        };
+        let tiles = if q_len == 1 { 1 } else { (group_size * q_len).div_ceil(bucket) };
         let scale = opts.scale.unwrap_or(1.0 / (d as f32).sqrt());
         // The kernels work in base 2: scale * log2(e) must stay finite too.
         if !(scale * std::f32::consts::LOG2_E).is_finite() || scale == 0.0 {
@@ -261,7 +366,7 @@ impl<S: Store, T: KvElem> LayerCache<S, T> {
                 let max_len = self.layout().segments().iter().map(|s| s.len).max().unwrap_or(0).max(1);
                 AttentionPlan { chunk_tokens: c, max_splits: max_len.div_ceil(c) }
             }
-            None => plan(self.layout(), self.store().sm_count()),
+            None => plan_tiles(self.layout(), self.store().sm_count(), tiles),
         };
         if plan.max_splits > MAX_SPLITS {
             return Err(Error::invalid(
@@ -296,7 +401,8 @@ impl<S: Store, T: KvElem> LayerCache<S, T> {
 
         let name =
             |kind: &str, bucket: String| format!("hw_attention{kind}_{}_d{d}{bucket}", T::DTYPE.name());
-        let kernel = lookup(&name("", format!("_g{}", group_bucket(group_size))), "head_dim")?;
+        let kind = if q_len == 1 { "" } else { "_chunk" };
+        let kernel = lookup(&name(kind, format!("_g{bucket}")), "head_dim")?;
         let merge = lookup(&name("_merge", String::new()), "head_dim")?;
         let store = self.store();
         let mut pins = S::Pins::default();
@@ -323,14 +429,18 @@ impl<S: Store, T: KvElem> LayerCache<S, T> {
             head_dim: d as i32,
             chunk_tokens: plan.chunk_tokens as i32,
             max_splits: plan.max_splits as i32,
+            q_len: q_len as i32,
+            kv_heads: self.layout().kv_heads() as i32,
             scale_log2: scale * std::f32::consts::LOG2_E,
         };
         check_aligned("q", params.q as u64)?;
         check_aligned("out", params.out as u64)?;
-        let cfg = HwLaunch { grid_y: plan.max_splits, ..launch_1d(n, THREADS, 0) };
+        let cfg = HwLaunch { grid_y: plan.max_splits, grid_z: tiles as u32, ..launch_1d(n, THREADS, 0) };
         // SAFETY: all addresses come from this store and stay pinned; the layout is validated
-        // (every row a segment can name lies inside k/v), q/out/lse hold num_segments * G rows,
-        // and a split launch has a workspace of num_segments * G * max_splits rows.
+        // (every row a segment can name lies inside k/v), q/out/lse hold num_segments * G *
+        // q_len rows (every query_row the kernels form is below that), every segment holds at
+        // least q_len tokens (attention_chunk), and a split launch has a workspace of
+        // num_segments * G * q_len * max_splits rows.
         unsafe { store.launch(kernel, &cfg, &params)? };
         if splits > 1 {
             let cfg = launch_1d(heads.div_ceil(HEADS_PER_MERGE_BLOCK), THREADS, 0);

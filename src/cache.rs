@@ -4,12 +4,13 @@
 //!
 //! Buffer layout: K and V are each `[total_rows][head_dim]` elements, row-major; segment rows as
 //! described in [`crate::layout`]. New tokens for [`LayerCache::append`] are
-//! `[num_segments][head_dim]`, i.e. the model's `[batch][kv_heads][head_dim]` for one step.
+//! `[num_segments][head_dim]`, i.e. the model's `[batch][kv_heads][head_dim]` for one step; for
+//! [`LayerCache::append_tokens`], `[batch][tokens][kv_heads][head_dim]`.
 
 use crate::dtype::{KvElem, check_head_dim};
 use crate::error::{Error, Result};
 use crate::kernels::{launch_1d, lookup};
-use crate::layout::{DeviceTable, LayerLayout};
+use crate::layout::{DeviceTable, LayerLayout, Segment, SegmentMode};
 use crate::params::{HwAppendParams, HwRelayoutParams};
 use crate::store::{KernelParams, Store, check_aligned};
 
@@ -134,21 +135,38 @@ impl<S: Store, T: KvElem> LayerCache<S, T> {
     /// Errors before any launch: wrong buffer lengths or alignment, or [`Error::SegmentFull`]
     /// when a `Full` segment has no room (compress it or [`LayerCache::regrow`] first).
     pub fn append(&mut self, k_new: &S::Buf<T>, v_new: &S::Buf<T>) -> Result<()> {
+        self.append_tokens(k_new, v_new, 1)
+    }
+
+    /// Appends `tokens` tokens to every segment in one launch, oldest first, exactly as
+    /// `tokens` calls of [`LayerCache::append`] would (a chunk of prefill, a follow-up turn, or
+    /// speculative draft tokens before [`LayerCache::attention_chunk`] verifies them).
+    /// `k_new`/`v_new` are token-major, `[batch][tokens][kv_heads][head_dim]`; one token is the
+    /// `[num_segments][head_dim]` of [`LayerCache::append`]. A `Streaming` segment given more
+    /// tokens than its window keeps only the newest `window` of them in its ring.
+    ///
+    /// Errors before any launch: `tokens` 0 or above `i32::MAX`, wrong buffer lengths or
+    /// alignment, or [`Error::SegmentFull`] when a `Full` segment has fewer than `tokens` free
+    /// rows; nothing is written then.
+    pub fn append_tokens(&mut self, k_new: &S::Buf<T>, v_new: &S::Buf<T>, tokens: usize) -> Result<()> {
+        if tokens == 0 || tokens > i32::MAX as usize {
+            return Err(Error::invalid("tokens", format!("{tokens} is outside 1..={}", i32::MAX)));
+        }
         let n = self.layout.segments().len();
-        let want = n * self.head_dim;
+        let want = n.checked_mul(tokens).and_then(|r| r.checked_mul(self.head_dim));
         for (field, buf) in [("k_new", k_new), ("v_new", v_new)] {
-            if S::len(buf) != want {
+            if Some(S::len(buf)) != want {
                 return Err(Error::invalid(
                     field,
                     format!(
-                        "{} elements, expected num_segments {n} * head_dim {} = {want}",
+                        "{} elements, expected num_segments {n} * tokens {tokens} * head_dim {}",
                         S::len(buf),
                         self.head_dim
                     ),
                 ));
             }
         }
-        self.layout.check_appendable()?;
+        self.layout.check_room(tokens)?;
         let kernel = lookup(&format!("hw_append_d{}", self.head_dim), "head_dim")?;
         let cfg = launch_1d(n.div_ceil(APPEND_WARPS_PER_BLOCK), (32 * APPEND_WARPS_PER_BLOCK) as u32, 0);
         let store = &self.store;
@@ -160,16 +178,38 @@ impl<S: Store, T: KvElem> LayerCache<S, T> {
             v_new: store.addr("v_new", v_new, &mut pins)? as *const _,
             seg: DeviceTable::params(store.addr_mut("device_table", &mut self.table, &mut pins)?, n),
             head_dim: self.head_dim as i32,
+            tokens: tokens as i32,
+            kv_heads: self.layout.kv_heads() as i32,
         };
         check_aligned("k_new", params.k_new as u64)?;
         check_aligned("v_new", params.v_new as u64)?;
         // SAFETY: every address comes from this store and is pinned; the layout was validated
-        // (all segment rows inside k/v), no Full segment is full, and the new-token buffers hold
-        // num_segments rows: every row the kernel forms is in bounds.
+        // (all segment rows inside k/v), every Full segment has room for `tokens` rows, and the
+        // new-token buffers hold num_segments * tokens rows: every row the kernel forms is in
+        // bounds.
         unsafe { store.launch(kernel, &cfg, &params)? };
         drop(pins);
-        self.layout.advance_all();
+        self.layout.advance_all(tokens);
         Ok(())
+    }
+
+    /// Drops the newest `tokens[b]` tokens of every segment of sequence `b` (`tokens` has
+    /// `batch` entries): the rejection of speculative draft tokens that
+    /// [`LayerCache::append_tokens`] appended and [`LayerCache::attention_chunk`] did not
+    /// accept. No row moves; each segment's `len` (and a ring's state) steps back, and the next
+    /// append reuses the rows.
+    ///
+    /// A `Full` segment is restored exactly. A `Streaming` segment is restored exactly while
+    /// its ring had not wrapped; once it had, each draft overwrote one of the oldest windowed
+    /// tokens, and those cannot come back: the ring then holds `len` minus the dropped tokens
+    /// (fewer than `window`) until later appends fill it again. Drafts are the newest tokens
+    /// only when no more than `window` of them were appended to a `Streaming` segment.
+    ///
+    /// Errors before anything changes: `tokens` without `batch` entries, or a count above the
+    /// length of one of its sequence's segments (named as `tokens[b]`).
+    pub fn rollback(&mut self, tokens: &[u32]) -> Result<()> {
+        let target = self.layout.rolled_back(tokens)?;
+        self.set_layout(target)
     }
 
     /// Moves every segment to a new layout in which each `Full` segment has `len + headroom`
@@ -255,7 +295,7 @@ impl<S: Store, T: KvElem> LayerCache<S, T> {
             .iter()
             .map(|s| s.offset as i32)
             .chain(dst.iter().map(|s| s.offset as i32))
-            .chain(src.iter().map(|s| s.len as i32))
+            .chain(src.iter().map(|s| physical_rows(s) as i32))
             .collect();
         let meta = self.store.upload(&offsets)?;
         let kernel = lookup(&format!("hw_relayout_d{}", self.head_dim), "head_dim")?;
@@ -276,13 +316,22 @@ impl<S: Store, T: KvElem> LayerCache<S, T> {
         };
         check_aligned("k_dst", params.k_dst as u64)?;
         check_aligned("v_dst", params.v_dst as u64)?;
-        // SAFETY: both layouts are validated, each segment's len rows fit its source and target
-        // capacity, and the destination buffers hold target.total_rows rows.
+        // SAFETY: both layouts are validated, each segment's physical_rows (len, or a Streaming
+        // capacity, equal in both since the modes match) fit its source and target capacity, and the destination buffers hold target.total_rows rows.
         unsafe { store.launch(kernel, &cfg, &params)? };
         drop(pins);
         // Dropping `meta` here is safe: both stores free in stream order (cudarc frees
         // asynchronously on the buffer's stream; the emulator has finished already).
         Ok(())
+    }
+}
+
+/// The leading rows of a segment that hold its tokens: `len`, except a ring that a rollback
+/// left not full with `ring_head != 0`, whose tokens can sit anywhere in its `capacity` rows.
+fn physical_rows(s: &Segment) -> u32 {
+    match s.mode {
+        SegmentMode::Streaming { .. } if s.ring_head != 0 => s.capacity,
+        _ => s.len,
     }
 }
 

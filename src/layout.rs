@@ -41,8 +41,9 @@ pub struct Segment {
     pub capacity: u32,
     /// Rows in use (for `Streaming`, at most `sink + window`).
     pub len: u32,
-    /// `Streaming` only: ring slot of the oldest windowed token once the ring is full; 0 before
-    /// that and always 0 for `Full`.
+    /// `Streaming` only: ring slot of the oldest windowed token (below `window`); 0 until the
+    /// ring first fills, unless a [`crate::LayerCache::rollback`] dropped the newest tokens of
+    /// a full ring. Always 0 for `Full`.
     pub ring_head: u32,
     /// Storage mode.
     pub mode: SegmentMode,
@@ -90,15 +91,32 @@ impl Segment {
         }
     }
 
-    /// Buffer row the next appended token goes to, or `None` for a full `Full` segment.
+    /// Buffer row the next appended token goes to, or `None` for a full `Full` segment: for
+    /// `Streaming`, the sinks first, then the ring slot after the newest token (the oldest slot
+    /// once the ring is full).
     pub fn append_row(&self) -> Option<u64> {
         match self.mode {
             SegmentMode::Full if self.len >= self.capacity => None,
-            SegmentMode::Streaming { sink, .. } if self.len >= self.capacity => {
-                Some(u64::from(self.offset) + u64::from(sink) + u64::from(self.ring_head))
-            }
+            SegmentMode::Streaming { sink, window } if self.len >= sink => Some(
+                u64::from(self.offset)
+                    + u64::from(sink)
+                    + (u64::from(self.ring_head) + u64::from(self.len - sink)) % u64::from(window),
+            ),
             _ => Some(u64::from(self.offset) + u64::from(self.len)),
         }
+    }
+
+    /// The state after dropping the newest `n <= len` tokens (the host twin of
+    /// [`crate::LayerCache::rollback`]). A ring keeps `ring_head` (its oldest token stays where
+    /// it is) until its windowed tokens are all gone.
+    pub(crate) fn rolled_back(&self, n: u32) -> Segment {
+        debug_assert!(n <= self.len);
+        let mut s = *self;
+        s.len -= n;
+        if s.len <= self.sink() {
+            s.ring_head = 0;
+        }
+        s
     }
 
     /// The state after one append (the host twin of the kernel's update).
@@ -133,7 +151,7 @@ impl LayerLayout {
     /// Errors name the first offending field: a wrong segment count, `total_rows` above
     /// [`MAX_ROWS`], a segment past the end of the buffer, two segments overlapping, `len >
     /// capacity`, a streaming segment whose `capacity != sink + window` or whose window is 0, a
-    /// `ring_head` outside the window or nonzero before the ring is full.
+    /// `ring_head` outside the window or nonzero while the ring holds no token.
     pub fn new(
         batch: usize,
         kv_heads: usize,
@@ -193,11 +211,11 @@ impl LayerLayout {
                             format!("{} != sink {sink} + window {window}", s.capacity),
                         ));
                     }
-                    if s.ring_head >= window || (s.len < s.capacity && s.ring_head != 0) {
+                    if s.ring_head >= window || (s.len <= sink && s.ring_head != 0) {
                         return Err(Error::invalid(
                             field("ring_head"),
                             format!(
-                                "{} must be below window {window}, and 0 until the ring is full",
+                                "{} must be below window {window}, and 0 while the ring is empty",
                                 s.ring_head
                             ),
                         ));
@@ -254,17 +272,51 @@ impl LayerLayout {
     /// Errors with [`Error::SegmentFull`] naming the first `Full` segment an append could not
     /// take.
     pub fn check_appendable(&self) -> Result<()> {
-        match self.segments.iter().position(Segment::is_full) {
+        self.check_room(1)
+    }
+
+    /// Errors with [`Error::SegmentFull`] naming the first `Full` segment without room for
+    /// `tokens` more rows (`Streaming` segments always have room: the ring overwrites).
+    pub fn check_room(&self, tokens: usize) -> Result<()> {
+        let short = |s: &Segment| s.mode == SegmentMode::Full && ((s.capacity - s.len) as usize) < tokens;
+        match self.segments.iter().position(short) {
             Some(i) => Err(Error::SegmentFull { segment: i, capacity: self.segments[i].capacity }),
             None => Ok(()),
         }
     }
 
-    /// The layout after one append to every segment (call only after `check_appendable`).
-    pub(crate) fn advance_all(&mut self) {
+    /// The layout after `tokens` appends to every segment (call only after `check_room`).
+    pub(crate) fn advance_all(&mut self, tokens: usize) {
         for s in &mut self.segments {
-            *s = s.advanced();
+            for _ in 0..tokens {
+                *s = s.advanced();
+            }
         }
+    }
+
+    /// The layout after sequence `b` dropped its newest `tokens[b]` tokens in every segment
+    /// ([`crate::LayerCache::rollback`]). Errors, naming `tokens[b]`, when a count is above the
+    /// length of one of the sequence's segments, or when `tokens` has not `batch` entries.
+    pub(crate) fn rolled_back(&self, tokens: &[u32]) -> Result<LayerLayout> {
+        if tokens.len() != self.batch {
+            return Err(Error::invalid(
+                "tokens",
+                format!("{} entries, expected batch {}", tokens.len(), self.batch),
+            ));
+        }
+        let mut out = self.clone();
+        for (i, s) in out.segments.iter_mut().enumerate() {
+            let b = i / self.kv_heads.max(1);
+            let n = tokens[b];
+            if n > s.len {
+                return Err(Error::invalid(
+                    format!("tokens[{b}]"),
+                    format!("{n} is more than segment {i} holds (len {})", s.len),
+                ));
+            }
+            *s = s.rolled_back(n);
+        }
+        Ok(out)
     }
 
     /// A packed layout with the same segments (mode, len, ring state) where every `Full`

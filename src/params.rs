@@ -66,10 +66,12 @@ pub struct HwAppendParams {
     pub v_new: *const ::core::ffi::c_void,
     pub seg: HwSegmentTable,
     pub head_dim: i32,
+    pub tokens: i32,
+    pub kv_heads: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of HwAppendParams"][::core::mem::size_of::<HwAppendParams>() - 96usize];
+    ["Size of HwAppendParams"][::core::mem::size_of::<HwAppendParams>() - 104usize];
     ["Alignment of HwAppendParams"][::core::mem::align_of::<HwAppendParams>() - 8usize];
     [
         "Offset of field: HwAppendParams::k_cache",
@@ -89,6 +91,12 @@ const _: () = {
     [
         "Offset of field: HwAppendParams::head_dim",
     ][::core::mem::offset_of!(HwAppendParams, head_dim) - 88usize];
+    [
+        "Offset of field: HwAppendParams::tokens",
+    ][::core::mem::offset_of!(HwAppendParams, tokens) - 92usize];
+    [
+        "Offset of field: HwAppendParams::kv_heads",
+    ][::core::mem::offset_of!(HwAppendParams, kv_heads) - 96usize];
 };
 impl Default for HwAppendParams {
     fn default() -> Self {
@@ -170,13 +178,15 @@ pub struct HwAttentionParams {
     pub head_dim: i32,
     pub chunk_tokens: i32,
     pub max_splits: i32,
+    pub q_len: i32,
+    pub kv_heads: i32,
     pub scale_log2: f32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
     [
         "Size of HwAttentionParams",
-    ][::core::mem::size_of::<HwAttentionParams>() - 136usize];
+    ][::core::mem::size_of::<HwAttentionParams>() - 144usize];
     [
         "Alignment of HwAttentionParams",
     ][::core::mem::align_of::<HwAttentionParams>() - 8usize];
@@ -217,8 +227,14 @@ const _: () = {
         "Offset of field: HwAttentionParams::max_splits",
     ][::core::mem::offset_of!(HwAttentionParams, max_splits) - 124usize];
     [
+        "Offset of field: HwAttentionParams::q_len",
+    ][::core::mem::offset_of!(HwAttentionParams, q_len) - 128usize];
+    [
+        "Offset of field: HwAttentionParams::kv_heads",
+    ][::core::mem::offset_of!(HwAttentionParams, kv_heads) - 132usize];
+    [
         "Offset of field: HwAttentionParams::scale_log2",
-    ][::core::mem::offset_of!(HwAttentionParams, scale_log2) - 128usize];
+    ][::core::mem::offset_of!(HwAttentionParams, scale_log2) - 136usize];
 };
 impl Default for HwAttentionParams {
     fn default() -> Self {

@@ -344,6 +344,45 @@ mod on_gpu {
         }
     }
 
+    /// Chunk attention (q_len > 1, causal, query tiles over grid z) against the f64 reference
+    /// on every head_dim x dtype, G 1/4/8/16, unsplit and split; then multi-token append and
+    /// rollback against the model, as tests/attention_chunk.rs does on the emulator.
+    #[test]
+    fn attention_chunk_on_gpu() {
+        use super::common::chunk::{Model, check_against_model, chunk_layout, chunk_rows, chunk_scenario};
+        let store = store();
+        for d in [64, 128, 256] {
+            for (g, q_len) in [(1, 64), (4, 7), (8, 16), (16, 3)] {
+                let layout = chunk_layout(q_len as u32);
+                for chunk in [None, Some(37)] {
+                    let opts = headwise::AttentionOptions { chunk_tokens: chunk, scale: None };
+                    chunk_scenario::<_, f16>(&store, &layout, d, g, q_len, opts, true, (d + g) as u64);
+                    chunk_scenario::<_, bf16>(&store, &layout, d, g, q_len, opts, true, (d + g + 1) as u64);
+                }
+            }
+        }
+        let segs =
+            vec![headwise::layout::Segment::full(0, 40, 0), headwise::layout::Segment::streaming(40, 2, 6)];
+        let layout = headwise::layout::LayerLayout::new(1, 2, 48, segs).unwrap();
+        let mut models: Vec<Model> =
+            layout.segments().iter().map(|s| Model { mode: s.mode, tokens: vec![] }).collect();
+        let mut cache = headwise::LayerCache::<_, bf16>::new(&store, layout, 128).unwrap();
+        let mut next = 1;
+        for (tokens, reject) in [(5usize, 2u32), (9, 0), (4, 3), (1, 1), (6, 5)] {
+            let (k, v, ids) = chunk_rows::<bf16>(cache.layout(), 128, tokens, &mut next);
+            cache.append_tokens(&store.upload(&k).unwrap(), &store.upload(&v).unwrap(), tokens).unwrap();
+            for (m, ids) in models.iter_mut().zip(ids) {
+                ids.into_iter().for_each(|id| m.push(id));
+            }
+            cache.rollback(&[reject]).unwrap();
+            for m in &mut models {
+                let keep = m.tokens.len() - reject as usize;
+                m.tokens.truncate(keep);
+            }
+            check_against_model(&cache, &models, &format!("append {tokens}, reject {reject}"));
+        }
+    }
+
     #[test]
     fn select_then_attention_on_gpu() {
         let store = store();

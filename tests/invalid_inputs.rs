@@ -38,6 +38,9 @@
 //! segment past the 65535 * 32 tokens a step supports (it needs a cache of hundreds of MB).
 #![cfg(feature = "emulator")]
 
+#[path = "invalid_inputs/chunk.rs"]
+mod chunk;
+
 use half::bf16;
 #[cfg(feature = "cuda")]
 use headwise::GpuStore;
@@ -87,6 +90,9 @@ const ENTRY_POINTS: &[fn(&mut Battery)] = &[
     cache_relayout_into,
     cache_attention,
     cache_attention_with_mass,
+    chunk::cache_append_tokens,
+    chunk::cache_attention_chunk,
+    chunk::cache_rollback,
     emu_store,
     #[cfg(feature = "cuda")]
     gpu_store_new,
@@ -629,10 +635,9 @@ fn apply(t: &mut Table, fault: &LayoutFault) -> Expect {
             match pick(&t.segs, i, |s| matches!(s.mode, SegmentMode::Streaming { .. })) {
                 Some(k) => {
                     let s = &mut t.segs[k];
-                    let SegmentMode::Streaming { window, .. } = s.mode else { unreachable!() };
-                    // A full ring: beyond the window; filling: anything but 0.
-                    s.ring_head =
-                        if s.len == s.capacity { window.saturating_add(x % 1000) } else { x.max(1) };
+                    let SegmentMode::Streaming { sink, window } = s.mode else { unreachable!() };
+                    // A ring holding tokens: beyond the window; an empty ring: anything but 0.
+                    s.ring_head = if s.len > sink { window.saturating_add(x % 1000) } else { x.max(1) };
                     seg(k, "ring_head")
                 }
                 None => len_fault(t, i, x),

@@ -198,3 +198,58 @@ fn h2o_mass_reads_k_once_and_each_mass_entry_once() {
         eprintln!("G={group}: mass kernel {:?}", m[0]);
     }
 }
+
+/// Chunk attention (q_len > 1): a block serves a tile of 16 query rows (ordered chunk position,
+/// then group head) and reads the K/V rows its last row can see, once. With G * q_len <= 16 the
+/// whole chunk is one tile: every K/V byte once, as in decode. With more rows each tile reads
+/// up to its own causal limit: closed form below. Against q_len decode steps, which read the
+/// whole K/V q_len times.
+#[test]
+fn chunk_reads_kv_once_per_tile() {
+    let store = EmuStore;
+    let d = 128;
+    let lens = [300u32, 41];
+    let count = |group: usize, q_len: usize| {
+        let layout = attn_layout(1, 2, &[AttnSeg::Full { len: lens[0] }, AttnSeg::Full { len: lens[1] }]);
+        let rows = layout.total_rows();
+        let qrows = 2 * group * q_len;
+        let k = store.upload(&values::<f16>(1, rows * d, 1.0)).unwrap();
+        let v = store.upload(&values::<f16>(2, rows * d, 1.0)).unwrap();
+        store.traffic_unwatch_all();
+        store.traffic_watch(&k);
+        store.traffic_watch(&v);
+        let cache = LayerCache::<EmuStore, f16>::from_parts(&store, layout, d, k, v).unwrap();
+        let q = store.upload(&values::<f16>(3, qrows * d, 1.0)).unwrap();
+        let mut out = store.zeros::<f16>(qrows * d).unwrap();
+        let mut ws = AttentionWorkspace::new();
+        store.traffic_enable(Some(true));
+        let _ = store.take_traffic();
+        // Unsplit (one chunk of tokens per segment), so the closed forms hold without a merge.
+        let opts = AttentionOptions { chunk_tokens: Some(4096), scale: None };
+        cache.attention_chunk(&q, q_len, group, &mut out, None, &mut ws, &opts).unwrap();
+        let t = store.take_traffic();
+        store.traffic_enable(None);
+        store.traffic_unwatch_all();
+        assert!(t.iter().all(|r| r.kernel.starts_with("hw_attention_chunk_")), "{t:?}");
+        LaunchTraffic::sum(&t)
+    };
+    let row_bytes = (d * 2 * 2) as u64; // a K row and a V row, f16
+    // One tile (G 4 x q_len 4 = 16 rows): each K/V byte exactly once.
+    let one = count(4, 4);
+    let kept: u64 = lens.iter().map(|&l| u64::from(l)).sum();
+    assert_eq!(one.watched_read_bytes, kept * row_bytes);
+    assert_eq!(one.watched_unique_bytes, kept * row_bytes);
+    assert!(one.watched_sector_efficiency() >= 0.99, "{one:?}");
+    // G 8 x q_len 8 = 64 rows, 4 tiles of 2 chunk positions: tile t sees len - 8 + 2t + 2 rows.
+    let four = count(8, 8);
+    let want: u64 = lens.iter().map(|&l| (0..4u64).map(|t| u64::from(l) - 8 + 2 * t + 2).sum::<u64>()).sum();
+    assert_eq!(four.watched_read_bytes, want * row_bytes);
+    assert_eq!(four.watched_unique_bytes, kept * row_bytes);
+    eprintln!(
+        "chunk G4 q_len 4: K/V {} B ({:.2}x the kept bytes); G8 q_len 8: {} B ({:.2}x; 8 decode steps: 8.00x)",
+        one.watched_read_bytes,
+        one.watched_read_bytes as f64 / (kept * row_bytes) as f64,
+        four.watched_read_bytes,
+        four.watched_read_bytes as f64 / (kept * row_bytes) as f64
+    );
+}

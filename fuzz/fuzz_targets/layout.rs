@@ -116,7 +116,7 @@ fn segment_faults(s: &Segment, total_rows: u64) -> Vec<&'static str> {
             if u64::from(sink) + u64::from(window) != u64::from(s.capacity) {
                 f.push("capacity");
             }
-            if s.ring_head >= window || (s.len < s.capacity && s.ring_head != 0) {
+            if s.ring_head >= window || (s.len <= sink && s.ring_head != 0) {
                 f.push("ring_head");
             }
         }

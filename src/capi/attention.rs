@@ -1,4 +1,5 @@
-//! Decode attention over a cache handle.
+//! Decode attention, and attention of a chunk of several queries per sequence, over a cache
+//! handle.
 
 use super::args::{handle_mut, product};
 use super::cache::{HeadwiseCache, with_cache};
@@ -41,7 +42,43 @@ pub unsafe extern "C" fn headwise_cache_attention(
             chunk_tokens: (chunk_tokens != 0).then_some(chunk_tokens),
         };
         // SAFETY: the caller's promise on q/out/lse.
-        unsafe { attend(cache, q, group_size, out, lse, &opts, None) }
+        unsafe { attend(cache, q, 1, group_size, out, lse, &opts, None) }
+    })
+}
+
+/// Attention of a chunk of `q_len` new queries per sequence (1..=64): chunked prefill, a
+/// follow-up turn, or the verification of speculative draft tokens. The chunk's K/V must be the
+/// newest `q_len` tokens of every segment already (`headwise_cache_append_tokens`); drop
+/// rejected drafts afterwards with `headwise_cache_rollback`. Causal: chunk query `i` sees the
+/// segment's tokens `0 ..= len - q_len + i`. `q` and `out` are token-major,
+/// `[batch][q_len][heads][head_dim]` (`heads = kv_heads * group_size`); `lse` NULL or
+/// `[batch][q_len][heads]` floats. Otherwise as `headwise_cache_attention`, which is `q_len = 1`.
+///
+/// Errors before anything is enqueued: those of `headwise_cache_attention`, `q_len` outside
+/// 1..=64, and for `q_len > 1` a segment holding fewer than `q_len` tokens or a Streaming
+/// segment whose window is below `q_len`.
+///
+/// # Safety
+/// As `headwise_cache_attention`, with the sizes above.
+#[unsafe(no_mangle)]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn headwise_cache_attention_chunk(
+    cache: *mut HeadwiseCache,
+    q: *const c_void,
+    q_len: usize,
+    group_size: usize,
+    out: *mut c_void,
+    lse: *mut f32,
+    scale: f32,
+    chunk_tokens: u32,
+) -> c_int {
+    boundary(|| {
+        let opts = AttentionOptions {
+            scale: (scale != 0.0).then_some(scale),
+            chunk_tokens: (chunk_tokens != 0).then_some(chunk_tokens),
+        };
+        // SAFETY: the caller's promise on every pointer.
+        unsafe { attend(cache, q, q_len, group_size, out, lse, &opts, None) }
     })
 }
 
@@ -74,17 +111,19 @@ pub unsafe extern "C" fn headwise_cache_attention_with_mass(
             chunk_tokens: (chunk_tokens != 0).then_some(chunk_tokens),
         };
         // SAFETY: the caller's promise on every pointer.
-        unsafe { attend(cache, q, group_size, out, lse, &opts, Some((mass, num_mass))) }
+        unsafe { attend(cache, q, 1, group_size, out, lse, &opts, Some((mass, num_mass))) }
     })
 }
 
-/// The body of both attention entry points.
+/// The body of the attention entry points.
 ///
 /// # Safety
-/// `headwise_cache_attention_with_mass`'s contract.
+/// `headwise_cache_attention_with_mass`'s contract (`headwise_cache_attention_chunk`'s sizes).
+#[allow(clippy::too_many_arguments)]
 unsafe fn attend(
     cache: *mut HeadwiseCache,
     q: *const c_void,
+    q_len: usize,
     group_size: usize,
     out: *mut c_void,
     lse: *mut f32,
@@ -94,7 +133,7 @@ unsafe fn attend(
     // SAFETY: the caller's promise on the handle.
     let cache = unsafe { handle_mut(cache, "cache") }?;
     with_cache!(&mut cache.inner, c, ws => {
-        let heads = product("num_segments * group_size", &[c.layout().segments().len(), group_size])?;
+        let heads = product("num_segments * group_size * q_len", &[c.layout().segments().len(), group_size, q_len])?;
         let n = product("heads * head_dim", &[heads, c.head_dim()])?;
         // SAFETY: the caller's promise on q/out/lse (sizes above).
         let (q, mut out) = unsafe { (borrow_in(c.store(), q, n, "q")?, borrow_in(c.store(), out, n, "out")?) };
@@ -105,7 +144,7 @@ unsafe fn attend(
             Some(unsafe { borrow_in::<_, f32>(c.store(), lse.cast_const().cast(), heads, "lse") }?)
         };
         match mass {
-            None => c.attention(&q, group_size, &mut out, lse.as_mut(), &mut ws.attention, opts),
+            None => c.attention_chunk(&q, q_len, group_size, &mut out, lse.as_mut(), &mut ws.attention, opts),
             Some((ptr, len)) => {
                 // SAFETY: the caller's promise on mass.
                 let mut mass = unsafe { borrow_in::<_, f32>(c.store(), ptr.cast_const().cast(), len, "mass") }?;

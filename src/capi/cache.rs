@@ -1,7 +1,7 @@
 //! Cache handles: one layer's ragged K/V cache over caller memory, with the scratch memory its
 //! operations reuse; creation, append and relayout.
 
-use super::args::{dtype_of, free_handle, handle, handle_mut, out_handle, product};
+use super::args::{dtype_of, free_handle, handle, handle_mut, input, out_handle, product};
 use super::errors::boundary;
 use super::layout::{HeadwiseLayout, new_layout};
 use super::store::{Backend, CStore, HeadwiseStore, borrow_in};
@@ -239,6 +239,60 @@ pub unsafe extern "C" fn headwise_cache_append(
             let (k, v) = unsafe { (borrow_in(c.store(), k_new, n, "k_new")?, borrow_in(c.store(), v_new, n, "v_new")?) };
             c.append(&k, &v)
         })
+    })
+}
+
+/// Appends `tokens` tokens (1..=INT32_MAX) to every segment in one launch, oldest first, as
+/// `tokens` calls of `headwise_cache_append` would: a prefill chunk, a follow-up turn, or
+/// speculative draft tokens before `headwise_cache_attention_chunk`. `k_new`/`v_new` are
+/// token-major, `[batch][tokens][kv_heads][head_dim]`. A Streaming segment given more tokens
+/// than its window keeps the newest `window` of them.
+///
+/// Errors before anything is enqueued: `HEADWISE_ERROR_SEGMENT_FULL` (a Full segment has fewer
+/// than `tokens` free rows), invalid arguments.
+///
+/// # Safety
+/// As `headwise_cache_append`, with `num_segments * tokens * head_dim` elements each.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn headwise_cache_append_tokens(
+    cache: *mut HeadwiseCache,
+    k_new: *const c_void,
+    v_new: *const c_void,
+    tokens: usize,
+) -> c_int {
+    boundary(|| {
+        // SAFETY: the caller's promise on the handle.
+        let cache = unsafe { handle_mut(cache, "cache") }?;
+        with_cache!(&mut cache.inner, c, _ws => {
+            let n = product("num_segments * tokens * head_dim", &[c.layout().segments().len(), tokens, c.head_dim()])?;
+            // SAFETY: the caller's promise on k_new/v_new (n elements each).
+            let (k, v) = unsafe { (borrow_in(c.store(), k_new, n, "k_new")?, borrow_in(c.store(), v_new, n, "v_new")?) };
+            c.append_tokens(&k, &v, tokens)
+        })
+    })
+}
+
+/// Drops the newest `tokens[b]` tokens of every segment of sequence `b`: the rejection of
+/// speculative draft tokens. `tokens` is a host array of `num_tokens == batch` counts. No row
+/// moves; a Full segment is restored exactly, a Streaming segment whose ring had wrapped keeps
+/// fewer windowed tokens (the drafts overwrote its oldest ones) until later appends refill it.
+///
+/// Errors before anything changes: a wrong `num_tokens`, a count above the length of one of its
+/// sequence's segments (named `tokens[b]`).
+///
+/// # Safety
+/// `cache` NULL or live; `tokens` NULL or `num_tokens` readable `uint32_t`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn headwise_cache_rollback(
+    cache: *mut HeadwiseCache,
+    tokens: *const u32,
+    num_tokens: usize,
+) -> c_int {
+    boundary(|| {
+        // SAFETY: the caller's promise on both pointers.
+        let cache = unsafe { handle_mut(cache, "cache") }?;
+        let tokens = unsafe { input(tokens, num_tokens, "tokens") }?;
+        with_cache!(&mut cache.inner, c, _ws => c.rollback(tokens))
     })
 }
 

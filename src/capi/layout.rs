@@ -38,7 +38,8 @@ pub(super) fn new_layout(out: &mut *mut HeadwiseLayout, layout: LayerLayout) {
 /// `batch * kv_heads`. All counts are rows of the layer's K (and V) buffer, which holds
 /// `total_rows` rows of `head_dim` elements. Per segment: `offset` (first row), `capacity` (rows
 /// reserved), `len` (rows in use), `ring_head` (Streaming only: ring slot of the oldest windowed
-/// token once the ring is full, else 0; the array may be NULL for all zeros), `mode`
+/// token, 0 until the ring first fills and while it is empty; the array may be NULL for all
+/// zeros), `mode`
 /// (`HEADWISE_MODE_FULL` or `HEADWISE_MODE_STREAMING`), `sink` and `window` (Streaming only,
 /// `capacity == sink + window`; ignored for Full segments; both arrays may be NULL when no
 /// segment is Streaming).

@@ -32,7 +32,7 @@ pub fn append<T: Copy>(
         k[dst.clone()].copy_from_slice(&k_new[src.clone()]);
         v[dst].copy_from_slice(&v_new[src]);
     }
-    layout.advance_all();
+    layout.advance_all(1);
     Ok(())
 }
 
@@ -54,34 +54,60 @@ pub fn attention<T: crate::KvElem>(
     group_size: usize,
     scale: f64,
 ) -> (Vec<f64>, Vec<f64>) {
+    attention_chunk(layout, head_dim, k, v, q, 1, group_size, scale)
+}
+
+/// [`crate::LayerCache::attention_chunk`] in f64: `q_len` queries per sequence, token-major
+/// (`q` is `[batch][q_len][heads][head_dim]`), chunk query `i` of segment `s` seeing the
+/// segment's logical tokens `0 ..= len - q_len + i`. Returns `out` and `lse` in the same
+/// row order (`[batch][q_len][heads]`). Every segment must hold at least `q_len` tokens, except
+/// that with `q_len = 1` an empty segment gives zeros and `-inf`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_chunk<T: crate::KvElem>(
+    layout: &LayerLayout,
+    head_dim: usize,
+    k: &[T],
+    v: &[T],
+    q: &[T],
+    q_len: usize,
+    group_size: usize,
+    scale: f64,
+) -> (Vec<f64>, Vec<f64>) {
     let n = layout.segments().len();
-    let mut out = vec![0.0; n * group_size * head_dim];
-    let mut lse = vec![f64::NEG_INFINITY; n * group_size];
+    let kv_heads = layout.kv_heads();
+    let heads = kv_heads * group_size;
+    let mut out = vec![0.0; n * group_size * q_len * head_dim];
+    let mut lse = vec![f64::NEG_INFINITY; n * group_size * q_len];
     let f = |x: T| f64::from(x.to_f32());
     for s in 0..n {
         let rows = token_rows(layout, s);
-        for g in 0..group_size {
-            let qh = s * group_size + g;
-            let qv = &q[qh * head_dim..(qh + 1) * head_dim];
-            let logits: Vec<f64> = rows
-                .iter()
-                .map(|&r| {
-                    let kr = &k[r as usize * head_dim..(r as usize + 1) * head_dim];
-                    scale * qv.iter().zip(kr).map(|(&a, &b)| f(a) * f(b)).sum::<f64>()
-                })
-                .collect();
-            if logits.is_empty() {
-                continue;
-            }
-            let m = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            let w: Vec<f64> = logits.iter().map(|&l| (l - m).exp()).collect();
-            let total: f64 = w.iter().sum();
-            lse[qh] = m + total.ln();
-            let o = &mut out[qh * head_dim..(qh + 1) * head_dim];
-            for (&r, &wi) in rows.iter().zip(&w) {
-                let vr = &v[r as usize * head_dim..(r as usize + 1) * head_dim];
-                for (oj, &vj) in o.iter_mut().zip(vr) {
-                    *oj += wi / total * f(vj);
+        let (b, h) = (s / kv_heads, s % kv_heads);
+        for i in 0..q_len {
+            // The tokens chunk query i sees: all but the q_len - 1 - i chunk tokens after it.
+            let visible = &rows[..(rows.len() + i + 1).saturating_sub(q_len)];
+            for g in 0..group_size {
+                let qh = (b * q_len + i) * heads + h * group_size + g;
+                let qv = &q[qh * head_dim..(qh + 1) * head_dim];
+                let logits: Vec<f64> = visible
+                    .iter()
+                    .map(|&r| {
+                        let kr = &k[r as usize * head_dim..(r as usize + 1) * head_dim];
+                        scale * qv.iter().zip(kr).map(|(&a, &b)| f(a) * f(b)).sum::<f64>()
+                    })
+                    .collect();
+                if logits.is_empty() {
+                    continue;
+                }
+                let m = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let w: Vec<f64> = logits.iter().map(|&l| (l - m).exp()).collect();
+                let total: f64 = w.iter().sum();
+                lse[qh] = m + total.ln();
+                let o = &mut out[qh * head_dim..(qh + 1) * head_dim];
+                for (&r, &wi) in visible.iter().zip(&w) {
+                    let vr = &v[r as usize * head_dim..(r as usize + 1) * head_dim];
+                    for (oj, &vj) in o.iter_mut().zip(vr) {
+                        *oj += wi / total * f(vj);
+                    }
                 }
             }
         }

@@ -6,7 +6,8 @@
  * functions on known answers, that the GPU entry points report HEADWISE_ERROR_NO_GPU (or
  * _NO_KERNELS for a build without nvcc) where there is no GPU, and runs every cache operation
  * on an emulator store (prefill compression, AdaKV, append, decode attention against a
- * reference computed here, the query ring, R-KV eviction, relayout), checking the results.
+ * reference computed here, the query ring, R-KV eviction, relayout, a speculative step of
+ * multi-token append, chunk attention and rollback), checking the results.
  * Exit status 0 when every check passed. */
 
 #include "headwise.h"
@@ -744,6 +745,60 @@ static void test_emulator(void) {
     for (int h = 0; h < KV; h++) {
         CHECK(g2.len[h] == s.len[h] + 1);
         CHECK(memcmp(k2 + g2.offset[h] * D, k + s.offset[h] * D, s.len[h] * D * sizeof(uint16_t)) == 0);
+    }
+
+    /* A speculative step on the regrown cache: 3 drafts appended in one call (token-major
+     * [1][3][KV][D]), verified by one chunk attention (chunk query i sees the rows up to its own
+     * draft), 1 accepted, 2 rolled back. */
+    {
+        enum { DRAFTS = 3 };
+        uint16_t *dk = bf16_array((size_t)DRAFTS * KV * D, 1), *dv = bf16_array((size_t)DRAFTS * KV * D, 1);
+        uint16_t *dq = bf16_array((size_t)DRAFTS * HEADS * D, 1), *dout = bf16_array((size_t)DRAFTS * HEADS * D, 0);
+        float dlse[DRAFTS * HEADS];
+        INVALID(headwise_cache_append_tokens(NULL, dk, dv, DRAFTS), "cache");
+        INVALID(headwise_cache_append_tokens(cache2, dk, dv, 0), "tokens");
+        OK(headwise_cache_append_tokens(cache2, dk, dv, DRAFTS));
+        Segs d2 = segments_of(cache2);
+        for (int h = 0; h < KV; h++) {
+            CHECK(d2.len[h] == g2.len[h] + DRAFTS);
+            for (int t = 0; t < DRAFTS; t++)
+                CHECK(memcmp(k2 + (d2.offset[h] + g2.len[h] + t) * D, dk + ((size_t)t * KV + h) * D,
+                             D * sizeof(uint16_t)) == 0);
+        }
+        INVALID(headwise_cache_attention_chunk(cache2, dq, 0, G, dout, dlse, 0.0f, 0), "q_len");
+        INVALID(headwise_cache_attention_chunk(cache2, dq, 65, G, dout, dlse, 0.0f, 0), "q_len");
+        INVALID(headwise_cache_attention_chunk(NULL, dq, DRAFTS, G, dout, dlse, 0.0f, 0), "cache");
+        OK(headwise_cache_attention_chunk(cache2, dq, DRAFTS, G, dout, dlse, 0.0f, 0));
+        double chunk_worst = 0.0, chunk_worst_lse = 0.0;
+        for (int t = 0; t < DRAFTS; t++) {
+            for (int head = 0; head < HEADS; head++) {
+                int h = head / G;
+                size_t row = (size_t)t * HEADS + head;
+                float want[D];
+                float want_lse = reference_attention(k2, v2, d2.offset[h], d2.len[h] - DRAFTS + t + 1, dq + row * D, want);
+                for (int d = 0; d < D; d++) {
+                    double err = fabs((double)float_of(dout[row * D + d]) - want[d]);
+                    if (err > chunk_worst) chunk_worst = err;
+                }
+                if (fabs((double)dlse[row] - want_lse) > chunk_worst_lse) chunk_worst_lse = fabs((double)dlse[row] - want_lse);
+            }
+        }
+        CHECK(chunk_worst < 1.0 / 128);
+        CHECK(chunk_worst_lse < 1e-4);
+        printf("capi_test: emulator chunk attention (3 drafts) vs the C reference: max |err| %.2e (out), %.2e (lse)\n",
+               chunk_worst, chunk_worst_lse);
+        const uint32_t reject[1] = {DRAFTS - 1}, too_many[1] = {100000}, two[2] = {1, 1};
+        INVALID(headwise_cache_rollback(cache2, two, 2), "tokens");
+        INVALID(headwise_cache_rollback(cache2, too_many, 1), "tokens[0]");
+        INVALID(headwise_cache_rollback(cache2, NULL, 1), "tokens");
+        INVALID(headwise_cache_rollback(NULL, reject, 1), "cache");
+        OK(headwise_cache_rollback(cache2, reject, 1));
+        Segs r2 = segments_of(cache2);
+        for (int h = 0; h < KV; h++) CHECK(r2.len[h] == g2.len[h] + 1);
+        free(dk);
+        free(dv);
+        free(dq);
+        free(dout);
     }
 
     /* AdaKV: budgets allocated from the scores, on a fresh cache of the same layout. */

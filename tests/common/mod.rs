@@ -7,6 +7,7 @@ use proptest::prelude::*;
 
 #[cfg(feature = "capi")]
 pub mod capi_loop;
+pub mod chunk;
 pub mod h2o;
 pub mod packed;
 pub mod select;
