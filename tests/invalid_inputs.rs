@@ -4104,6 +4104,28 @@ mod c {
             ("cache_append", |_, _, _, _, _| {
                 (invalid("cache"), unsafe { headwise_cache_append(null_mut(), null(), null()) })
             }),
+            ("cache_append_tokens", |x, _, _, _, _| {
+                (invalid("cache"), unsafe { headwise_cache_append_tokens(null_mut(), null(), null(), x % 9) })
+            }),
+            ("cache_attention_chunk", |x, y, _, _, _| {
+                let code = unsafe {
+                    headwise_cache_attention_chunk(
+                        null_mut(),
+                        null(),
+                        x % 70,
+                        y % 9,
+                        null_mut(),
+                        null_mut(),
+                        0.0,
+                        0,
+                    )
+                };
+                (invalid("cache"), code)
+            }),
+            ("cache_rollback", |x, _, _, _, _| {
+                let counts = [1u32; 4];
+                (invalid("cache"), unsafe { headwise_cache_rollback(null_mut(), counts.as_ptr(), x % 5) })
+            }),
             ("cache_attention", |x, y, _, _, _| {
                 let code = unsafe {
                     headwise_cache_attention(

@@ -170,6 +170,7 @@ pub(super) fn emulator_side(b: &mut Battery) {
     query_ring(b);
     cache_evict(b);
     cache_h2o(b);
+    cache_chunk(b);
 }
 
 fn cache_create(b: &mut Battery) {
@@ -738,6 +739,148 @@ fn cache_h2o(b: &mut Battery) {
                 )
             })?;
             Ok(())
+        },
+    );
+}
+
+/// `headwise_cache_append_tokens`, `headwise_cache_attention_chunk`, `headwise_cache_rollback`
+/// on one live pair: appends of 0..4 tokens (0 is a fault), chunks of 0..8 queries over a layout
+/// whose rings have window 4 (5..8 refused, and 0), rollbacks with wrong counts, NULL arrays and
+/// counts above a segment's length. The mirror advances only when the C call does too.
+fn cache_chunk(b: &mut Battery) {
+    let pair = RefCell::new(Pair::new());
+    let segs = pair.borrow().segments();
+    let c_cache = pair.borrow().cache;
+    let kv = HostMem::new(4 * segs * D * 2);
+    let max_rows = 8 * 4 * segs;
+    let (q, out, lse) =
+        (HostMem::new(max_rows * D * 2), HostMem::new(max_rows * D * 2), HostMem::new(max_rows * 4));
+    let ws = RefCell::new(AttentionWorkspace::new());
+    let op = prop_oneof![
+        (0usize..5, pfault(), pfault()).prop_map(|(t, kf, vf)| (0u8, t, kf, vf, vec![])),
+        (0usize..9, 1usize..5, pfault(), pfault()).prop_map(|(ql, g, qf, of)| (
+            1u8,
+            ql * 16 + g,
+            qf,
+            of,
+            vec![]
+        )),
+        (proptest::collection::vec(0u32..5, 0..4), any::<bool>()).prop_map(|(c, null)| (
+            2u8,
+            0,
+            u8::from(null),
+            0,
+            c
+        )),
+    ];
+    b.run(
+        "C headwise_cache_append_tokens / attention_chunk / rollback (emulator)",
+        600,
+        op,
+        |p, (kind, x, f1, f2, counts)| {
+            let mut pair = pair.borrow_mut();
+            match kind {
+                0 => {
+                    let t = x;
+                    let n = segs * t * D;
+                    let fault = faulted(&[(f1, n, "k_new"), (f2, n, "v_new")]);
+                    let expect = if t == 0 {
+                        with_fault(invalid("tokens"), fault)
+                    } else if fault.is_empty() {
+                        expect_of(pair.rust.append_tokens(
+                            &EmuBuf::zeros(n).unwrap(),
+                            &EmuBuf::zeros(n).unwrap(),
+                            t,
+                        ))
+                    } else if let Err(full) = pair.rust.layout().check_room(t) {
+                        // As for append: only NULL and unaligned-element pointers come before the
+                        // room check; the 16-byte row check comes after it.
+                        let early = faulted(&[
+                            (if f1 == 2 { 0 } else { f1 }, n, "k_new"),
+                            (if f2 == 2 { 0 } else { f2 }, n, "v_new"),
+                        ]);
+                        if early.is_empty() {
+                            expect_of::<()>(Err(full))
+                        } else {
+                            with_fault(Expect::Ok, early)
+                        }
+                    } else {
+                        with_fault(Expect::Ok, fault)
+                    };
+                    // SAFETY: kv holds 4 * segs * D bf16 (+16 bytes); the cache is live.
+                    p.c_call(expect, || unsafe {
+                        headwise_cache_append_tokens(
+                            c_cache,
+                            fault_ptr(kv.ptr(), f1),
+                            fault_ptr(kv.ptr(), f2),
+                            t,
+                        )
+                    })?;
+                }
+                1 => {
+                    let (ql, g) = (x / 16, x % 16);
+                    let rows = segs * g * ql;
+                    let (rq, mut ro, mut rl) = (
+                        EmuBuf::<bf16>::zeros((rows * D).max(1)).unwrap(),
+                        EmuBuf::<bf16>::zeros((rows * D).max(1)).unwrap(),
+                        EmuBuf::<f32>::zeros(rows.max(1)).unwrap(),
+                    );
+                    let rust = expect_of(pair.rust.attention_chunk(
+                        &rq,
+                        ql,
+                        g,
+                        &mut ro,
+                        Some(&mut rl),
+                        &mut ws.borrow_mut(),
+                        &AttentionOptions::default(),
+                    ));
+                    let fault = faulted(&[(f1, rows * D, "q"), (f2, rows * D, "out")]);
+                    // SAFETY: q/out hold 8 * 4 * segs * D bf16, lse that many f32 (+16 bytes).
+                    p.c_call(with_fault(rust, fault), || unsafe {
+                        headwise_cache_attention_chunk(
+                            c_cache,
+                            fault_ptr(q.ptr(), f1),
+                            ql,
+                            g,
+                            fault_ptr(out.ptr(), f2),
+                            lse.ptr().cast(),
+                            0.0,
+                            0,
+                        )
+                    })?;
+                }
+                _ => {
+                    let is_null = f1 == 1 && !counts.is_empty();
+                    let expect =
+                        if is_null { invalid("tokens") } else { expect_of(pair.rust.rollback(&counts)) };
+                    let ptr = if is_null { null() } else { counts.as_ptr() };
+                    // SAFETY: counts.len() readable u32 (or NULL); the cache is live.
+                    p.c_call(expect, || unsafe { headwise_cache_rollback(c_cache, ptr, counts.len()) })?;
+                }
+            }
+            // The C cache and the mirror agree after every call.
+            let mut l = null_mut();
+            // SAFETY: live cache, out-pointer to a local.
+            unsafe { assert_eq!(headwise_cache_layout(c_cache, &mut l), HEADWISE_OK) };
+            let mut lens = vec![0u32; segs];
+            // SAFETY: arrays of segs entries; the other outputs NULL.
+            let code = unsafe {
+                headwise_layout_segments(
+                    l,
+                    segs,
+                    null_mut(),
+                    null_mut(),
+                    lens.as_mut_ptr(),
+                    null_mut(),
+                    null_mut(),
+                    null_mut(),
+                    null_mut(),
+                )
+            };
+            unsafe { headwise_layout_free(l) };
+            assert_eq!(code, HEADWISE_OK, "{}", last_message());
+            let want: Vec<u32> = pair.rust.layout().segments().iter().map(|s| s.len).collect();
+            check(lens == want, || format!("C lens {lens:?}, mirror {want:?}"))
         },
     );
 }
