@@ -2,7 +2,7 @@
 // with a different budget per segment, AdaKV's on-device budget allocation, and the gather of
 // the kept K/V rows into a compressed layout. Shapes and buffers: HwSelectParams in params.h.
 //
-// Kernels, in launch order (the host wrapper is src/select.rs):
+// Kernels, in launch order (the host wrapper is src/select/launch.rs):
 //   stats        grid (segments, splits), 128 threads. Window logits of the segment's G*W query
 //                rows against one chunk of the prompt's keys, on the tensor cores (WMMA
 //                m16n16k16, f32 accumulate), reduced to a per-row online-softmax state

@@ -56,7 +56,7 @@ MEMCHECK = (
 )
 RACE_SYNC = ("select_compress_into_on_gpu", "rkv_matches_reference_on_gpu")
 # Kernel family -> (test that launches it, ncu kernel-name regex, launches profiled, box s).
-# N = one pass of the family's pipeline, in launch order (src/select.rs: stats, stats merge,
+# N = one pass of the family's pipeline, in launch order (src/select/launch.rs: stats, stats merge,
 # score, pool, top-k, gather (+ AdaKV when the budgets are AdaKV's); src/redundancy.rs:
 # importance, norms, similarity, select; src/attention.rs: the pass, then the merge when the
 # planner splits), so the first N matching launches are about one of each kernel.

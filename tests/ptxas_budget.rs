@@ -13,7 +13,7 @@
 //! - a kernel of an instantiation list has no table row, or a table row names no kernel.
 //!
 //! The table also records the block size each operation launches with (the constants in
-//! src/attention.rs, src/cache.rs, src/select.rs, src/redundancy.rs, src/heavy_hitters.rs; see
+//! src/attention.rs, src/cache.rs, src/select/, src/redundancy.rs, src/heavy_hitters.rs; see
 //! `launch_rules`) and the occupancy this implies on an H100 (sm_90). BENCHMARKS.md prints it between the
 //! `ptxas-budget` markers; `table_and_benchmarks_agree` keeps the copy current without nvcc.
 //!
