@@ -34,16 +34,8 @@ pub unsafe extern "C" fn headwise_cache_attention(
     scale: f32,
     chunk_tokens: u32,
 ) -> c_int {
-    boundary(|| {
-        // SAFETY: the caller's promise on the handle.
-        let cache = unsafe { handle_mut(cache, "cache") }?;
-        let opts = AttentionOptions {
-            scale: (scale != 0.0).then_some(scale),
-            chunk_tokens: (chunk_tokens != 0).then_some(chunk_tokens),
-        };
-        // SAFETY: the caller's promise on q/out/lse.
-        unsafe { attend(cache, q, 1, group_size, out, lse, &opts, None) }
-    })
+    // SAFETY: the caller's promise on every pointer.
+    boundary(|| unsafe { attend(cache, q, 1, group_size, out, lse, &options(scale, chunk_tokens), None) })
 }
 
 /// Attention of a chunk of `q_len` new queries per sequence (1..=64): chunked prefill, a
@@ -72,14 +64,8 @@ pub unsafe extern "C" fn headwise_cache_attention_chunk(
     scale: f32,
     chunk_tokens: u32,
 ) -> c_int {
-    boundary(|| {
-        let opts = AttentionOptions {
-            scale: (scale != 0.0).then_some(scale),
-            chunk_tokens: (chunk_tokens != 0).then_some(chunk_tokens),
-        };
-        // SAFETY: the caller's promise on every pointer.
-        unsafe { attend(cache, q, q_len, group_size, out, lse, &opts, None) }
-    })
+    // SAFETY: the caller's promise on every pointer.
+    boundary(|| unsafe { attend(cache, q, q_len, group_size, out, lse, &options(scale, chunk_tokens), None) })
 }
 
 /// [`headwise_cache_attention`], adding to `mass[num_mass]` (`total_rows` f32, store memory,
@@ -105,14 +91,17 @@ pub unsafe extern "C" fn headwise_cache_attention_with_mass(
     mass: *mut f32,
     num_mass: usize,
 ) -> c_int {
-    boundary(|| {
-        let opts = AttentionOptions {
-            scale: (scale != 0.0).then_some(scale),
-            chunk_tokens: (chunk_tokens != 0).then_some(chunk_tokens),
-        };
-        // SAFETY: the caller's promise on every pointer.
-        unsafe { attend(cache, q, 1, group_size, out, lse, &opts, Some((mass, num_mass))) }
-    })
+    let opts = options(scale, chunk_tokens);
+    // SAFETY: the caller's promise on every pointer.
+    boundary(|| unsafe { attend(cache, q, 1, group_size, out, lse, &opts, Some((mass, num_mass))) })
+}
+
+/// The C convention for the options: 0 means "headwise chooses" for both.
+fn options(scale: f32, chunk_tokens: u32) -> AttentionOptions {
+    AttentionOptions {
+        scale: (scale != 0.0).then_some(scale),
+        chunk_tokens: (chunk_tokens != 0).then_some(chunk_tokens),
+    }
 }
 
 /// The body of the attention entry points.

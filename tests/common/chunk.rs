@@ -29,10 +29,11 @@ pub fn chunk_layout(q_len: u32) -> LayerLayout {
     LayerLayout::new(2, 3, u64::from(off), segs).unwrap()
 }
 
-/// Runs `attention_chunk` through `store` and compares every query row with
-/// [`reference::attention_chunk`]: relative L2 error of the output below the decode tolerance
-/// (1e-3 f16, 1e-2 bf16), LSE within 1e-3. Outputs start as NaN, so a row the kernels never
-/// write fails.
+/// Runs `attention_chunk` (for `q_len = 1`, `attention`) through `store` and compares every
+/// query row with [`reference::attention_chunk`]: relative L2 error of the output below the
+/// decode tolerance (1e-3 f16, 1e-2 bf16), LSE within 1e-3; a row that sees no token (an empty
+/// segment) exactly zero with LSE -inf. Outputs start as NaN, so a row the kernels never write
+/// fails.
 #[allow(clippy::too_many_arguments)]
 pub fn chunk_scenario<S: Store, T: KvElem>(
     store: &S,
@@ -62,17 +63,13 @@ pub fn chunk_scenario<S: Store, T: KvElem>(
     let mut out = store.upload(&vec![nan; qrows * head_dim]).unwrap();
     let mut lse = store.upload(&vec![f32::NAN; qrows]).unwrap();
     let mut ws = AttentionWorkspace::new();
-    cache
-        .attention_chunk(
-            &store.upload(&q).unwrap(),
-            q_len,
-            group,
-            &mut out,
-            with_lse.then_some(&mut lse),
-            &mut ws,
-            &opts,
-        )
-        .unwrap();
+    let dq = store.upload(&q).unwrap();
+    let lse_out = with_lse.then_some(&mut lse);
+    if q_len == 1 {
+        cache.attention(&dq, group, &mut out, lse_out, &mut ws, &opts).unwrap();
+    } else {
+        cache.attention_chunk(&dq, q_len, group, &mut out, lse_out, &mut ws, &opts).unwrap();
+    }
     let scale = f64::from(opts.scale.unwrap_or(1.0 / (head_dim as f32).sqrt()));
     let (want, want_lse) = reference::attention_chunk(layout, head_dim, &k, &v, &q, q_len, group, scale);
     let got: Vec<f64> = store.download(&out).unwrap().iter().map(|x| f64::from(x.to_f32())).collect();
@@ -83,6 +80,10 @@ pub fn chunk_scenario<S: Store, T: KvElem>(
         let (o, w) = (&got[r * head_dim..(r + 1) * head_dim], &want[r * head_dim..(r + 1) * head_dim]);
         let err: f64 = o.iter().zip(w).map(|(a, b)| (a - b) * (a - b)).sum::<f64>().sqrt();
         let norm: f64 = w.iter().map(|b| b * b).sum::<f64>().sqrt();
+        let empty = want_lse[r] == f64::NEG_INFINITY;
+        if empty {
+            assert!(o.iter().all(|&x| x == 0.0), "{what}: query row {r} sees no token: zeros, got {o:?}");
+        }
         assert!(
             err <= tol * norm.max(1e-3),
             "{what}: query row {r}: relative L2 error {:.3e} > {tol:e}",
@@ -90,8 +91,9 @@ pub fn chunk_scenario<S: Store, T: KvElem>(
         );
         if with_lse {
             let (a, b) = (f64::from(got_lse[r]), want_lse[r]);
+            assert!(!empty || a == b, "{what}: query row {r} sees no token: LSE {a}, want -inf");
             assert!(
-                (a - b).abs() <= 1e-3 * b.abs().max(1.0),
+                empty || (a - b).abs() <= 1e-3 * b.abs().max(1.0),
                 "{what}: query row {r}: LSE {a} vs reference {b}"
             );
         } else {

@@ -233,10 +233,10 @@ pub fn values<T: KvElem>(seed: u64, n: usize, amp: f32) -> Vec<T> {
         .collect()
 }
 
-/// Runs attention through `store` and compares with the f64 reference: per query head, the
+/// Runs decode attention through `store` and compares with the f64 reference: per query head, the
 /// relative L2 error of the output below `tol` (SPEC section 7: 1e-3 for f16, 1e-2 for bf16),
-/// LSE within 1e-3, empty segments exactly zero with LSE -inf. Outputs are poisoned with NaN
-/// first, so an element the kernel failed to write shows up.
+/// LSE within 1e-3, empty segments exactly zero with LSE -inf. The chunk scenario with
+/// `q_len = 1`, through [`LayerCache::attention`] (see [`chunk::chunk_scenario`]).
 pub fn attention_scenario<S: Store, T: KvElem>(
     store: &S,
     layout: LayerLayout,
@@ -246,59 +246,7 @@ pub fn attention_scenario<S: Store, T: KvElem>(
     with_lse: bool,
     seed: u64,
 ) {
-    let rows = layout.total_rows();
-    let n = layout.segments().len();
-    let heads = n * group;
-    let amp = 1.0 + (seed % 3) as f32;
-    let k = values::<T>(seed ^ 11, rows * head_dim, amp);
-    let v = values::<T>(seed ^ 22, rows * head_dim, 1.0);
-    let q = values::<T>(seed ^ 33, heads * head_dim, amp);
-    let cache = LayerCache::<S, T>::from_parts(
-        store,
-        layout.clone(),
-        head_dim,
-        store.upload(&k).unwrap(),
-        store.upload(&v).unwrap(),
-    )
-    .unwrap();
-    let nan = bytemuck::cast::<u16, T>(if T::DTYPE == headwise::DType::F16 { 0x7e00 } else { 0x7fc0 });
-    let mut out = store.upload(&vec![nan; heads * head_dim]).unwrap();
-    let mut lse = store.upload(&vec![f32::NAN; heads]).unwrap();
-    let dq = store.upload(&q).unwrap();
-    let mut ws = headwise::AttentionWorkspace::new();
-    cache.attention(&dq, group, &mut out, with_lse.then_some(&mut lse), &mut ws, &opts).unwrap();
-
-    let scale = f64::from(opts.scale.unwrap_or(1.0 / (head_dim as f32).sqrt()));
-    let (want, want_lse) = reference::attention(&layout, head_dim, &k, &v, &q, group, scale);
-    let got: Vec<f64> = store.download(&out).unwrap().iter().map(|x| f64::from(x.to_f32())).collect();
-    let got_lse = store.download(&lse).unwrap();
-    let tol = if T::DTYPE == headwise::DType::F16 { 1e-3 } else { 1e-2 };
-    for h in 0..heads {
-        let seg = layout.segments()[h / group];
-        let (o, r) = (&got[h * head_dim..(h + 1) * head_dim], &want[h * head_dim..(h + 1) * head_dim]);
-        if seg.len == 0 {
-            assert!(o.iter().all(|&x| x == 0.0), "head {h}: empty segment must give zeros, got {o:?}");
-        } else {
-            let err: f64 = o.iter().zip(r).map(|(a, b)| (a - b) * (a - b)).sum::<f64>().sqrt();
-            let norm: f64 = r.iter().map(|b| b * b).sum::<f64>().sqrt();
-            assert!(
-                err <= tol * norm.max(1e-3),
-                "head {h} (segment {:?}): relative L2 error {:.3e} > {tol:e}",
-                seg,
-                err / norm
-            );
-        }
-        if with_lse {
-            let (a, b) = (f64::from(got_lse[h]), want_lse[h]);
-            if b == f64::NEG_INFINITY {
-                assert_eq!(a, b, "head {h}: LSE of an empty segment");
-            } else {
-                assert!((a - b).abs() <= 1e-3 * b.abs().max(1.0), "head {h}: LSE {a} vs reference {b}");
-            }
-        } else {
-            assert!(got_lse[h].is_nan(), "LSE written although not requested");
-        }
-    }
+    chunk::chunk_scenario::<S, T>(store, &layout, head_dim, group, 1, opts, with_lse, seed);
 }
 
 /// Budgets of a [`SelectCase`].
