@@ -11,9 +11,9 @@ use headwise::scores::{ExpectedAttention, ScoreWorkspace, expected_attention};
 use headwise::select::{Budgets, Prompt, SelectOptions, SelectWorkspace, compress_into_scored};
 use headwise::{EmuStore, Error, KvElem, LayerCache, Store, reference};
 
-fn case<T: KvElem>(head_dim: usize, seed: u64) {
+fn case<T: KvElem>(head_dim: usize, group: usize, seed: u64) {
     let store = EmuStore;
-    let (batch, kv_heads, group, q, window) = (2usize, 2usize, 2usize, 37usize, 5usize);
+    let (batch, kv_heads, q, window) = (2usize, 2usize, 37usize, 5usize);
     let (segments, d, n) = (batch * kv_heads, head_dim, q - window);
     let k_host = common::values::<T>(seed, segments * q * d, 1.0);
     let v_host = common::values::<T>(seed ^ 7, segments * q * d, 1.0);
@@ -143,7 +143,10 @@ fn case<T: KvElem>(head_dim: usize, seed: u64) {
 #[test]
 fn expected_attention_every_dtype_and_head_dim() {
     for d in headwise::dtype::SUPPORTED_HEAD_DIMS {
-        case::<f16>(d, 3 + d as u64);
-        case::<bf16>(d, 5 + d as u64);
+        case::<f16>(d, 2, 3 + d as u64);
+        case::<bf16>(d, 2, 5 + d as u64);
+    }
+    for g in [1, 4, 8] {
+        case::<bf16>(64, g, 7 + g as u64);
     }
 }

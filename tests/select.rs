@@ -399,7 +399,11 @@ fn key_norm_and_given_scores_every_dtype_and_head_dim() {
 #[test]
 fn sinks_and_threshold_keep_every_dtype_and_head_dim() {
     for d in headwise::dtype::SUPPORTED_HEAD_DIMS {
-        common::select::sinks_and_threshold::<_, f16>(&EmuStore, d, 23 + d as u64);
-        common::select::sinks_and_threshold::<_, bf16>(&EmuStore, d, 29 + d as u64);
+        common::select::sinks_and_threshold::<_, f16>(&EmuStore, d, 2, 23 + d as u64);
+        common::select::sinks_and_threshold::<_, bf16>(&EmuStore, d, 2, 29 + d as u64);
+    }
+    // The other group sizes (per query head, a row per head: 1 .. 8 of them per KV head).
+    for g in [1, 4, 8] {
+        common::select::sinks_and_threshold::<_, bf16>(&EmuStore, 128, g, 31 + g as u64);
     }
 }

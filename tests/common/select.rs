@@ -736,9 +736,9 @@ pub fn key_norm_and_given_scores<S: Store, T: KvElem>(store: &S, head_dim: usize
 /// (`reference::protect_sinks`), the threshold's count (`reference::threshold_budget`), then
 /// the same top-k. Token-exact: given scores pool by max (no rounding) and the KNorm keys'
 /// norms are exact multiples of `sqrt(head_dim)`.
-pub fn sinks_and_threshold<S: Store, T: KvElem>(store: &S, head_dim: usize, seed: u64) {
+pub fn sinks_and_threshold<S: Store, T: KvElem>(store: &S, head_dim: usize, group: usize, seed: u64) {
     use headwise::select::{Score, compress, compress_into_scored};
-    let (batch, kv_heads, group, q, window, sink) = (2usize, 2usize, 2usize, 41usize, 5usize, 3usize);
+    let (batch, kv_heads, q, window, sink) = (2usize, 2usize, 41usize, 5usize, 3usize);
     let n = q - window;
     let segments = batch * kv_heads;
     let mut x = seed | 1;
