@@ -1,7 +1,10 @@
 //! Engine integration: a multi-layer decode loop over K/V memory the engine owns, on the
 //! engine's stream. Per layer, the prompt is compressed straight into the engine's buffers
 //! (`select::compress_into`); then every decode step runs, per layer, append -> query-ring push
-//! -> R-KV eviction when a segment reaches `budget + buffer` -> decode attention.
+//! -> R-KV eviction when a segment reaches `budget + buffer` -> decode attention. Every fourth
+//! step is a speculative one instead: `DRAFTS` draft tokens appended in one call
+//! (`append_tokens`), verified by one causal chunk attention (`attention_chunk`), the rejected
+//! ones dropped again (`rollback`), the accepted ones' queries pushed into the R-KV ring.
 //!
 //! The contract with the engine (GPU):
 //! - `GpuStore::from_stream(engine_stream)`: headwise launches on the engine's cudarc stream in
@@ -32,6 +35,8 @@ use headwise::{
 
 const HEAD_DIM: usize = 128;
 const GROUP: usize = 4;
+/// Draft tokens per speculative step.
+const DRAFTS: usize = 4;
 
 struct Shape {
     layers: usize,
@@ -125,7 +130,40 @@ fn decode_loop<S: Store>(
     let mut attn_ws: Vec<AttentionWorkspace<S>> =
         (0..shape.layers).map(|_| AttentionWorkspace::new()).collect();
     let mut out = store.zeros::<bf16>(heads * HEAD_DIM)?;
+    let mut chunk_out = store.zeros::<bf16>(DRAFTS * heads * HEAD_DIM)?;
     for step in 0..shape.steps {
+        // A speculative step needs DRAFTS free rows in every Full segment (R-KV keeps them
+        // below budget + buffer; right before an eviction there may be fewer).
+        if step % 4 == 3 && caches.iter().all(|c| c.layout().check_room(DRAFTS).is_ok()) {
+            // The draft model proposed DRAFTS tokens; the target model accepts a prefix of them.
+            let accepted = 1 + (step / 4) % DRAFTS;
+            for l in 0..shape.layers {
+                // K/V and queries of the drafts, token-major: [batch][DRAFTS][kv_heads | heads][d].
+                let (k_new, v_new) = (
+                    store.upload(&rng.vec(DRAFTS * segs * HEAD_DIM))?,
+                    store.upload(&rng.vec(DRAFTS * segs * HEAD_DIM))?,
+                );
+                let q_host = rng.vec(DRAFTS * heads * HEAD_DIM);
+                caches[l].append_tokens(&k_new, &v_new, DRAFTS)?;
+                let q = store.upload(&q_host)?;
+                let opts = AttentionOptions::default();
+                caches[l].attention_chunk(&q, DRAFTS, GROUP, &mut chunk_out, None, &mut attn_ws[l], &opts)?;
+                caches[l].rollback(&vec![(DRAFTS - accepted) as u32; shape.batch])?;
+                // The accepted tokens' queries join R-KV's ring, one token at a time.
+                let per_seq = heads / shape.batch * HEAD_DIM;
+                for t in 0..accepted {
+                    let q_t: Vec<bf16> = (0..shape.batch)
+                        .flat_map(|b| q_host[(b * DRAFTS + t) * per_seq..][..per_seq].to_vec())
+                        .collect();
+                    rings[l].push(&store.upload(&q_t)?)?;
+                }
+            }
+            println!(
+                "step {step}: speculative, {DRAFTS} drafts in one chunk attention, {accepted} accepted: len {} per KV head",
+                caches[0].layout().segments()[0].len
+            );
+            continue;
+        }
         let mut evicted = 0;
         for l in 0..shape.layers {
             // In a real engine these come from this layer's projections of the current token.
