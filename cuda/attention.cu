@@ -119,13 +119,7 @@ __device__ void attention_rows_body(const HwAttentionParams& p) {
     const int col = lane % TPR;  // 8-element slice of the row
 
     // The group's queries are consecutive rows s*G .. s*G+G-1 of q.
-    const uint4* qv = row_vec(p.q, int64_t(s) * G, D);
-    for (int i = tid; i < G * TPR; i += kAttnThreads) {
-        float f[8];
-        unpack8<T>(ld_global(qv + i), f);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) st_shared(&q_s[i * 8 + j], f[j]);
-    }
+    stage_rows_f32<T, D>(p.q, int64_t(s) * G, G, q_s, tid, kAttnThreads);
     __syncthreads();
 
     float m[GMAX], d[GMAX], acc[GMAX][8];

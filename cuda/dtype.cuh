@@ -2,6 +2,7 @@
 // through these, so one kernel body serves both dtypes.
 #pragma once
 #include "compat.cuh"
+#include "vec.cuh"
 
 namespace hw {
 
@@ -36,6 +37,21 @@ __device__ __forceinline__ uint4 pack8(const float (&in)[8]) {
 #pragma unroll
     for (int i = 0; i < 8; ++i) e[i] = Kv<T>::from_float(in[i]);
     return v;
+}
+
+// Stages `rows` consecutive rows of a [..][D] tensor of T, from row `first`, into shared memory
+// as f32 (dst[r * D + e]), 16-byte loads shared by the block's `threads` threads: how decode
+// attention and the H2O mass kernel hold a query group. No barrier: the caller syncs before use.
+template <typename T, int D>
+__device__ __forceinline__ void stage_rows_f32(const void* src, int64_t first, int rows, float* dst, int tid,
+                                               int threads) {
+    const uint4* v = row_vec(src, first, D);
+    for (int i = tid; i < rows * (D / kElemsPerVec); i += threads) {
+        float f[8];
+        unpack8<T>(ld_global(v + i), f);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) st_shared(&dst[i * 8 + j], f[j]);
+    }
 }
 
 }  // namespace hw

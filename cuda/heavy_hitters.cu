@@ -52,13 +52,7 @@ __device__ void h2o_mass_body(const HwH2oParams& p) {
     const int sub = lane / TPR;
     const int col = lane % TPR;
 
-    const uint4* qv = row_vec(p.q, int64_t(s) * G, D);
-    for (int i = tid; i < G * TPR; i += kMassThreads) {
-        float f[8];
-        unpack8<T>(ld_global(qv + i), f);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) st_shared(&q_s[i * 8 + j], f[j]);
-    }
+    stage_rows_f32<T, D>(p.q, int64_t(s) * G, G, q_s, tid, kMassThreads);
     if (tid < G) lse_s[tid] = ld_global(p.lse + int64_t(s) * G + tid) * kLog2e;
     __syncthreads();
 
