@@ -14,7 +14,8 @@ use headwise::{AttentionOptions, AttentionWorkspace, EmuStore, Error, LayerCache
 use proptest::prelude::*;
 
 /// Every head_dim x dtype x group size (1, 4, 8, 16) with chunks of 2..64 queries, unsplit and
-/// split into chunks of 37 tokens (a chunk that a causal row does not reach merges as empty).
+/// split into chunks of 37 tokens (a chunk that a causal row does not reach merges as empty),
+/// and both tile sizes (8 and 16 query rows) at every head_dim and dtype.
 #[test]
 fn every_head_dim_dtype_and_group() {
     let q_lens = [2usize, 5, 16, 64, 3];
@@ -31,6 +32,12 @@ fn every_head_dim_dtype_and_group() {
                 chunk_scenario::<_, bf16>(&EmuStore, &layout, d, group, q_len, opts, i == 0, seed + 1);
             }
         }
+        // The 8-row tile (G * q_len <= 8) at this head_dim in both dtypes, whatever the cycle
+        // above picked (at d256 it picks only 16-row tiles).
+        let layout = chunk_layout(4);
+        let opts = AttentionOptions::default();
+        chunk_scenario::<_, f16>(&EmuStore, &layout, d, 2, 4, opts, true, d as u64 + 7);
+        chunk_scenario::<_, bf16>(&EmuStore, &layout, d, 2, 4, opts, true, d as u64 + 8);
     }
 }
 

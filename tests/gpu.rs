@@ -345,14 +345,14 @@ mod on_gpu {
     }
 
     /// Chunk attention (q_len > 1, causal, query tiles over grid z) against the f64 reference
-    /// on every head_dim x dtype, G 1/4/8/16, unsplit and split; then multi-token append and
+    /// on every head_dim x dtype, G 1/2/4/8/16 (both tile sizes), unsplit and split; then multi-token append and
     /// rollback against the model, as tests/attention_chunk.rs does on the emulator.
     #[test]
     fn attention_chunk_on_gpu() {
         use super::common::chunk::{Model, check_against_model, chunk_layout, chunk_rows, chunk_scenario};
         let store = store();
         for d in [64, 128, 256] {
-            for (g, q_len) in [(1, 64), (4, 7), (8, 16), (16, 3)] {
+            for (g, q_len) in [(1, 64), (2, 4), (4, 7), (8, 16), (16, 3)] {
                 let layout = chunk_layout(q_len as u32);
                 for chunk in [None, Some(37)] {
                     let opts = headwise::AttentionOptions { chunk_tokens: chunk, scale: None };

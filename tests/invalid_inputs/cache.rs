@@ -221,8 +221,10 @@ pub(super) enum AttentionFault {
     QForOtherHeadDim,
 }
 
-pub(super) fn cache_attention(b: &mut Battery) {
-    let fault = prop_oneof![
+/// One fault in the arguments every attention entry point takes (`attention`,
+/// `attention_with_mass`, `attention_chunk`).
+pub(super) fn attention_fault() -> impl Strategy<Value = AttentionFault> {
+    prop_oneof![
         prop_oneof![Just(0usize), MAX_GROUP + 1..200, Just(usize::MAX)].prop_map(AttentionFault::GroupSize),
         any::<u32>().prop_map(AttentionFault::Q),
         any::<u32>().prop_map(AttentionFault::Out),
@@ -240,52 +242,81 @@ pub(super) fn cache_attention(b: &mut Battery) {
         .prop_map(AttentionFault::Scale),
         prop_oneof![Just(0u32), (i32::MAX as u32 + 1)..=u32::MAX].prop_map(AttentionFault::ChunkTokens),
         Just(AttentionFault::QForOtherHeadDim),
-    ];
+    ]
+}
+
+/// The arguments of one attention call over `rows` query rows of head_dim `d` (group size
+/// `group`, an LSE buffer when `with_lse`), before a fault is applied.
+pub(super) struct AttentionArgs {
+    pub(super) q: usize,
+    pub(super) out: usize,
+    pub(super) lse: Option<usize>,
+    pub(super) group: usize,
+    pub(super) opts: AttentionOptions,
+}
+
+impl AttentionArgs {
+    pub(super) fn new(rows: usize, d: usize, group: usize, with_lse: bool) -> AttentionArgs {
+        AttentionArgs {
+            q: rows * d,
+            out: rows * d,
+            lse: with_lse.then_some(rows),
+            group,
+            opts: AttentionOptions::default(),
+        }
+    }
+
+    /// Applies `fault`; returns the field the call must name.
+    pub(super) fn apply(&mut self, fault: &AttentionFault, rows: usize) -> &'static str {
+        match *fault {
+            AttentionFault::GroupSize(bad) => {
+                self.group = bad;
+                "group_size"
+            }
+            AttentionFault::Q(x) => {
+                self.q = wrong_len(self.q, rows, x);
+                "q"
+            }
+            AttentionFault::Out(x) => {
+                self.out = wrong_len(self.out, rows, x);
+                "out"
+            }
+            AttentionFault::Lse(x) => {
+                self.lse = Some(wrong_len(rows, 1, x));
+                "lse"
+            }
+            AttentionFault::Scale(x) => {
+                self.opts.scale = Some(x);
+                "scale"
+            }
+            AttentionFault::ChunkTokens(c) => {
+                self.opts.chunk_tokens = Some(c);
+                "chunk_tokens"
+            }
+            AttentionFault::QForOtherHeadDim => {
+                self.q = rows * 128;
+                "q"
+            }
+        }
+    }
+}
+
+pub(super) fn cache_attention(b: &mut Battery) {
     b.run(
         "LayerCache::attention",
         2_500,
-        (cache_layout(), 1usize..=MAX_GROUP, fault),
+        (cache_layout(), 1usize..=MAX_GROUP, attention_fault()),
         |p, (layout, g, fault)| {
             let s = store(p);
             let d = 64;
             let cache = LayerCache::<_, bf16>::new(&s, layout.clone(), d).unwrap();
             let heads = layout.segments().len() * g;
-            let (mut q_len, mut out_len, mut lse_len) = (heads * d, heads * d, Some(heads));
-            let mut group = g;
-            let mut opts = AttentionOptions::default();
-            let expect = match fault {
-                AttentionFault::GroupSize(bad) => {
-                    group = bad;
-                    invalid("group_size")
-                }
-                AttentionFault::Q(x) => {
-                    q_len = wrong_len(q_len, heads, x);
-                    invalid("q")
-                }
-                AttentionFault::Out(x) => {
-                    out_len = wrong_len(out_len, heads, x);
-                    invalid("out")
-                }
-                AttentionFault::Lse(x) => {
-                    lse_len = Some(wrong_len(heads, 1, x));
-                    invalid("lse")
-                }
-                AttentionFault::Scale(x) => {
-                    opts.scale = Some(x);
-                    invalid("scale")
-                }
-                AttentionFault::ChunkTokens(c) => {
-                    opts.chunk_tokens = Some(c);
-                    invalid("chunk_tokens")
-                }
-                AttentionFault::QForOtherHeadDim => {
-                    q_len = heads * 128;
-                    invalid("q")
-                }
-            };
-            let q = s.zeros::<bf16>(q_len).unwrap();
-            let mut out = s.zeros::<bf16>(out_len).unwrap();
-            let mut lse = lse_len.map(|n| s.zeros::<f32>(n).unwrap());
+            let mut a = AttentionArgs::new(heads, d, g, true);
+            let expect = invalid(a.apply(&fault, heads));
+            let (group, opts) = (a.group, a.opts);
+            let q = s.zeros::<bf16>(a.q).unwrap();
+            let mut out = s.zeros::<bf16>(a.out).unwrap();
+            let mut lse = a.lse.map(|n| s.zeros::<f32>(n).unwrap());
             let mut ws = AttentionWorkspace::new();
             p.call(expect, || cache.attention(&q, group, &mut out, lse.as_mut(), &mut ws, &opts))?;
             Ok(())
@@ -328,19 +359,9 @@ pub(super) fn cache_attention(b: &mut Battery) {
 /// `attention_with_mass`: every fault of `attention` (the same checks run first) plus a mass
 /// buffer of the wrong length.
 pub(super) fn cache_attention_with_mass(b: &mut Battery) {
-    let fault = prop_oneof![
-        prop_oneof![Just(0usize), MAX_GROUP + 1..200, Just(usize::MAX)]
-            .prop_map(|g| Some(AttentionFault::GroupSize(g))),
-        any::<u32>().prop_map(|x| Some(AttentionFault::Q(x))),
-        any::<u32>().prop_map(|x| Some(AttentionFault::Out(x))),
-        any::<u32>().prop_map(|x| Some(AttentionFault::Lse(x))),
-        prop::sample::select(vec![f32::NAN, f32::INFINITY, 0.0, -0.0, f32::MAX])
-            .prop_map(|x| Some(AttentionFault::Scale(x))),
-        prop_oneof![Just(0u32), (i32::MAX as u32 + 1)..=u32::MAX]
-            .prop_map(|c| Some(AttentionFault::ChunkTokens(c))),
-        Just(Some(AttentionFault::QForOtherHeadDim)),
-        Just(None),
-    ];
+    // Mostly a fault of attention's arguments (the same checks run first), else a mass buffer
+    // of the wrong length.
+    let fault = prop_oneof![7 => attention_fault().prop_map(Some), 1 => Just(None)];
     b.run(
         "LayerCache::attention_with_mass",
         2_500,
@@ -351,44 +372,17 @@ pub(super) fn cache_attention_with_mass(b: &mut Battery) {
             let cache = LayerCache::<_, bf16>::new(&s, layout.clone(), d).unwrap();
             let heads = layout.segments().len() * g;
             let rows = layout.total_rows();
-            let (mut q_len, mut out_len, mut lse_len) = (heads * d, heads * d, with_lse.then_some(heads));
+            let mut a = AttentionArgs::new(heads, d, g, with_lse);
             let mut mass_len = rows;
-            let mut group = g;
-            let mut opts = AttentionOptions::default();
-            let expect = match fault {
-                Some(AttentionFault::GroupSize(bad)) => {
-                    group = bad;
-                    invalid("group_size")
-                }
-                Some(AttentionFault::Q(x)) => {
-                    q_len = wrong_len(q_len, heads, x);
-                    invalid("q")
-                }
-                Some(AttentionFault::Out(x)) => {
-                    out_len = wrong_len(out_len, heads, x);
-                    invalid("out")
-                }
-                Some(AttentionFault::Lse(x)) => {
-                    lse_len = Some(wrong_len(heads, 1, x));
-                    invalid("lse")
-                }
-                Some(AttentionFault::Scale(x)) => {
-                    opts.scale = Some(x);
-                    invalid("scale")
-                }
-                Some(AttentionFault::ChunkTokens(c)) => {
-                    opts.chunk_tokens = Some(c);
-                    invalid("chunk_tokens")
-                }
-                Some(AttentionFault::QForOtherHeadDim) => {
-                    q_len = heads * 128;
-                    invalid("q")
-                }
+            let expect = match &fault {
+                Some(f) => invalid(a.apply(f, heads)),
                 None => {
                     mass_len = wrong_len(rows, 1, x);
                     invalid("mass")
                 }
             };
+            let (group, opts) = (a.group, a.opts);
+            let (q_len, out_len, lse_len) = (a.q, a.out, a.lse);
             let q = s.zeros::<bf16>(q_len).unwrap();
             let mut out = s.zeros::<bf16>(out_len).unwrap();
             let mut lse = lse_len.map(|n| s.zeros::<f32>(n).unwrap());

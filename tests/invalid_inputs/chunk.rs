@@ -93,26 +93,17 @@ pub(super) fn cache_append_tokens(b: &mut Battery) {
 #[derive(Clone, Debug)]
 enum ChunkFault {
     QLen(usize),
-    GroupSize(usize),
-    Q(u32),
-    Out(u32),
-    Lse(u32),
-    Scale(f32),
-    ChunkTokens(u32),
+    /// A fault of the arguments every attention entry point takes.
+    Args(AttentionFault),
     /// No fault in the arguments: the layout alone decides (too short a segment or window).
     None,
 }
 
 pub(super) fn cache_attention_chunk(b: &mut Battery) {
     let fault = prop_oneof![
-        prop_oneof![Just(0usize), MAX_CHUNK_QUERIES + 1..1000, Just(usize::MAX)].prop_map(ChunkFault::QLen),
-        prop_oneof![Just(0usize), MAX_GROUP + 1..200, Just(usize::MAX)].prop_map(ChunkFault::GroupSize),
-        any::<u32>().prop_map(ChunkFault::Q),
-        any::<u32>().prop_map(ChunkFault::Out),
-        any::<u32>().prop_map(ChunkFault::Lse),
-        prop::sample::select(vec![f32::NAN, f32::INFINITY, 0.0, -0.0, f32::MAX]).prop_map(ChunkFault::Scale),
-        prop_oneof![Just(0u32), (i32::MAX as u32 + 1)..=u32::MAX].prop_map(ChunkFault::ChunkTokens),
-        Just(ChunkFault::None),
+        1 => prop_oneof![Just(0usize), MAX_CHUNK_QUERIES + 1..1000, Just(usize::MAX)].prop_map(ChunkFault::QLen),
+        6 => attention_fault().prop_map(ChunkFault::Args),
+        1 => Just(ChunkFault::None),
     ];
     b.run(
         "LayerCache::attention_chunk",
@@ -123,39 +114,14 @@ pub(super) fn cache_attention_chunk(b: &mut Battery) {
             let d = 64;
             let cache = LayerCache::<_, bf16>::new(&s, layout.clone(), d).unwrap();
             let mut ql = q_len;
-            let mut group = g;
             let rows = layout.segments().len() * g * q_len;
-            let (mut q_n, mut out_n, mut lse_n) = (rows * d, rows * d, rows);
-            let mut opts = AttentionOptions::default();
-            let field = match fault {
+            let mut a = AttentionArgs::new(rows, d, g, true);
+            let field = match &fault {
                 ChunkFault::QLen(bad) => {
-                    ql = bad;
+                    ql = *bad;
                     Some("q_len")
                 }
-                ChunkFault::GroupSize(bad) => {
-                    group = bad;
-                    Some("group_size")
-                }
-                ChunkFault::Q(x) => {
-                    q_n = wrong_len(q_n, rows, x);
-                    Some("q")
-                }
-                ChunkFault::Out(x) => {
-                    out_n = wrong_len(out_n, rows, x);
-                    Some("out")
-                }
-                ChunkFault::Lse(x) => {
-                    lse_n = wrong_len(rows, 1, x);
-                    Some("lse")
-                }
-                ChunkFault::Scale(x) => {
-                    opts.scale = Some(x);
-                    Some("scale")
-                }
-                ChunkFault::ChunkTokens(c) => {
-                    opts.chunk_tokens = Some(c);
-                    Some("chunk_tokens")
-                }
+                ChunkFault::Args(f) => Some(a.apply(f, rows)),
                 ChunkFault::None => None,
             };
             // The layout is checked right after q_len's range: a segment shorter than the chunk
@@ -170,12 +136,12 @@ pub(super) fn cache_attention_chunk(b: &mut Battery) {
                 (Some(f), false) => invalid(f),
                 (None, false) => Expect::Ok,
             };
-            let q = s.zeros::<bf16>(q_n).unwrap();
-            let mut out = s.zeros::<bf16>(out_n).unwrap();
-            let mut lse = s.zeros::<f32>(lse_n).unwrap();
+            let q = s.zeros::<bf16>(a.q).unwrap();
+            let mut out = s.zeros::<bf16>(a.out).unwrap();
+            let mut lse = a.lse.map(|n| s.zeros::<f32>(n).unwrap());
             let mut ws = AttentionWorkspace::new();
             p.call(expect, || {
-                cache.attention_chunk(&q, ql, group, &mut out, Some(&mut lse), &mut ws, &opts)
+                cache.attention_chunk(&q, ql, a.group, &mut out, lse.as_mut(), &mut ws, &a.opts)
             })?;
             Ok(())
         },
